@@ -1,0 +1,54 @@
+//! One module per command; each turns parsed flags into library calls.
+
+mod create;
+mod exec;
+mod info;
+mod lifecycle;
+mod ps;
+mod update;
+
+use anyhow::Result;
+use migrun_runtime::StateRoot;
+
+use crate::cli::{Cli, Command, Rootless};
+
+/// Opens the state root named by the global options.
+fn state_root(cli: &Cli) -> Result<StateRoot> {
+    Ok(StateRoot::open(
+        &cli.global.root,
+        cli.global.systemd_cgroup,
+    )?)
+}
+
+/// Runs the parsed command and returns the process exit code.
+pub fn dispatch(cli: Cli) -> Result<i32> {
+    if cli.global.rootless == Rootless::True && nix::unistd::geteuid().is_root() {
+        tracing::debug!("--rootless=true as root: cgroup errors are not ignored");
+    }
+    let root = state_root(&cli)?;
+    match cli.command {
+        Command::Spec { bundle, rootless } => info::spec(&bundle, rootless),
+        Command::Create(args) => create::create(&root, &args),
+        Command::Run { detach, create } => create::run(&root, &create, detach),
+        Command::Start { id } => lifecycle::start(&root, &id),
+        Command::State { id } => info::state(&root, &id),
+        Command::List { format, quiet } => info::list(&root, format, quiet),
+        Command::Kill { all, id, signal } => lifecycle::kill(&root, &id, &signal, all),
+        Command::Delete { force, ids } => lifecycle::delete(&root, &ids, force),
+        Command::Exec(args) => exec::exec(&root, &args),
+        Command::Ps {
+            format,
+            id,
+            ps_args,
+        } => ps::ps(&root, &id, format, &ps_args),
+        Command::Pause { id } => lifecycle::pause(&root, &id),
+        Command::Resume { id } => lifecycle::resume(&root, &id),
+        Command::Events {
+            stats,
+            interval,
+            id,
+        } => info::events(&root, &id, stats, &interval),
+        Command::Update(args) => update::update(&root, &args),
+        Command::Features => info::features(),
+    }
+}

@@ -1,0 +1,430 @@
+//! The container life cycle: create, start, kill, pause, resume, delete, exec.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use libcgroups::common::{AnyCgroupManager, CgroupConfig, CgroupManager};
+use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::container::{Container, ContainerStatus};
+use libcontainer::syscall::syscall::SyscallType;
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+use oci_spec::runtime::Spec;
+
+use crate::error::{Context, Result, RuntimeError};
+use crate::state::status_name;
+use crate::store::{ContainerMeta, StateRoot};
+use crate::{id, signal};
+
+/// What `create` (and `run`) take from the command line.
+#[derive(Debug, Clone, Default)]
+pub struct CreateOptions {
+    /// Container id.
+    pub id: String,
+    /// Bundle directory (holding config.json).
+    pub bundle: PathBuf,
+    /// Where to write the init pid.
+    pub pid_file: Option<PathBuf>,
+    /// Unix socket that receives the pty master when `terminal` is set.
+    pub console_socket: Option<PathBuf>,
+    /// Use chroot-like mount move instead of pivot_root.
+    pub no_pivot: bool,
+    /// Do not create a new session keyring (accepted for runc compatibility).
+    pub no_new_keyring: bool,
+    /// Extra file descriptors (3 onwards) passed into the container.
+    pub preserve_fds: i32,
+    /// Whether the caller detaches (always true for `create`).
+    pub detach: bool,
+}
+
+/// Loads and checks a bundle's config.json, with errors that name the problem.
+pub fn load_bundle_spec(bundle: &Path) -> Result<Spec> {
+    let bundle_err = |reason: String| RuntimeError::Bundle {
+        path: bundle.to_path_buf(),
+        reason,
+    };
+    if !bundle.is_dir() {
+        return Err(bundle_err("no such directory".into()));
+    }
+    let config = bundle.join("config.json");
+    if !config.is_file() {
+        return Err(bundle_err("config.json not found".into()));
+    }
+    let text = fs::read_to_string(&config).ctx(|| format!("read {}", config.display()))?;
+    let spec: Spec = serde_json::from_str(&text).map_err(|e| RuntimeError::Config {
+        path: config.clone(),
+        reason: e.to_string(),
+    })?;
+    let root = spec.root().as_ref().ok_or_else(|| RuntimeError::Config {
+        path: config.clone(),
+        reason: "root is missing".into(),
+    })?;
+    let rootfs = if root.path().is_absolute() {
+        root.path().clone()
+    } else {
+        bundle.join(root.path())
+    };
+    if !rootfs.is_dir() {
+        return Err(RuntimeError::Config {
+            path: config,
+            reason: format!("root.path {} is not a directory", rootfs.display()),
+        });
+    }
+    if spec.process().is_none() {
+        return Err(RuntimeError::Config {
+            path: config,
+            reason: "process is missing".into(),
+        });
+    }
+    Ok(spec)
+}
+
+/// Absolute rootfs of a bundle's spec.
+fn rootfs_of(bundle: &Path, spec: &Spec) -> PathBuf {
+    let path = spec
+        .root()
+        .as_ref()
+        .map(|r| r.path().clone())
+        .unwrap_or_else(|| PathBuf::from("rootfs"));
+    let path = if path.is_absolute() {
+        path
+    } else {
+        bundle.join(path)
+    };
+    fs::canonicalize(&path).unwrap_or(path)
+}
+
+/// Creates container `opts.id` from its bundle; the init process waits for `start`.
+///
+/// On failure nothing is left behind: no state directory, cgroup or process.
+pub fn create(root: &StateRoot, opts: &CreateOptions) -> Result<Container> {
+    id::validate(&opts.id)?;
+    if root.exists(&opts.id) || root.container_dir(&opts.id).exists() {
+        return Err(RuntimeError::AlreadyExists(opts.id.clone()));
+    }
+    let bundle = fs::canonicalize(&opts.bundle).map_err(|e| RuntimeError::Bundle {
+        path: opts.bundle.clone(),
+        reason: e.to_string(),
+    })?;
+    let spec = load_bundle_spec(&bundle)?;
+    if root.systemd() && !Path::new("/run/systemd/system").exists() {
+        return Err(RuntimeError::Unsupported(
+            "--systemd-cgroup needs systemd, which is not running on this host".into(),
+        ));
+    }
+    let built = ContainerBuilder::new(opts.id.clone(), SyscallType::default())
+        .with_pid_file(opts.pid_file.as_ref())
+        .and_then(|b| b.with_root_path(root.path()))
+        .map(|b| {
+            b.with_console_socket(opts.console_socket.as_ref())
+                .with_preserved_fds(opts.preserve_fds)
+        })
+        .and_then(|b| b.validate_id())
+        .and_then(|b| {
+            b.as_init(&bundle)
+                .with_systemd(root.systemd())
+                .with_detach(opts.detach)
+                .with_no_pivot(opts.no_pivot)
+                .build()
+        });
+    match built {
+        Ok(container) => {
+            root.save_meta(
+                &opts.id,
+                &ContainerMeta {
+                    rootfs: rootfs_of(&bundle, &spec),
+                },
+            )?;
+            Ok(container)
+        }
+        Err(err) => {
+            remove_leftovers(root, &opts.id, &spec);
+            Err(RuntimeError::Container {
+                context: format!("create container {}", opts.id),
+                source: Box::new(err),
+            })
+        }
+    }
+}
+
+/// Removes whatever a failed create left: processes, cgroup, state directory.
+fn remove_leftovers(root: &StateRoot, id: &str, spec: &Spec) {
+    let dir = root.container_dir(id);
+    if let Ok(mut container) = Container::load(dir.clone()) {
+        if let Some(pid) = container.pid() {
+            let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+        }
+        let _ = container.delete(true);
+    }
+    let cgroups_path = spec.linux().as_ref().and_then(|l| l.cgroups_path().clone());
+    let cgroup_path = libcontainer::utils::get_cgroup_path(&cgroups_path, id);
+    if let Ok(manager) = libcgroups::common::create_cgroup_manager(CgroupConfig {
+        cgroup_path,
+        systemd_cgroup: root.systemd(),
+        container_name: id.to_string(),
+    }) {
+        for pid in manager.get_all_pids().unwrap_or_default() {
+            let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+        }
+        let _ = manager.remove();
+    }
+    let _ = fs::remove_dir_all(dir);
+}
+
+/// Error for an operation not allowed in the container's status.
+fn wrong_status(container: &Container, action: &'static str) -> RuntimeError {
+    RuntimeError::WrongStatus {
+        id: container.id().to_string(),
+        status: status_name(container.status()).to_string(),
+        action,
+    }
+}
+
+/// Starts a created container's user process.
+pub fn start(root: &StateRoot, id: &str) -> Result<Container> {
+    let mut container = root.load(id)?;
+    if container.status() != ContainerStatus::Created {
+        return Err(wrong_status(
+            &container,
+            "start (only a created container can start)",
+        ));
+    }
+    container.start().ctx(|| format!("start container {id}"))?;
+    Ok(container)
+}
+
+/// Sends `signal` (a name or number) to the init process, or to all processes.
+pub fn kill(root: &StateRoot, id: &str, signal: &str, all: bool) -> Result<()> {
+    let sig = signal::parse(signal)?;
+    let mut container = root.load(id)?;
+    if !(container.can_kill() || all && container.status() == ContainerStatus::Stopped) {
+        return Err(wrong_status(&container, "kill"));
+    }
+    if all {
+        for pid in container_pids(&container)? {
+            let _ = nix::sys::signal::kill(pid, sig);
+        }
+        return Ok(());
+    }
+    container
+        .kill(sig, false)
+        .ctx(|| format!("kill container {id}"))
+}
+
+/// Freezes every process of the container.
+pub fn pause(root: &StateRoot, id: &str) -> Result<()> {
+    let mut container = root.load(id)?;
+    if !container.can_pause() {
+        return Err(wrong_status(&container, "pause"));
+    }
+    container.pause().ctx(|| format!("pause container {id}"))
+}
+
+/// Thaws a paused container.
+pub fn resume(root: &StateRoot, id: &str) -> Result<()> {
+    let mut container = root.load(id)?;
+    if !container.can_resume() {
+        return Err(wrong_status(&container, "resume"));
+    }
+    container.resume().ctx(|| format!("resume container {id}"))
+}
+
+/// Deletes a container; a running one only with `force` (it is killed first).
+pub fn delete(root: &StateRoot, id: &str, force: bool) -> Result<()> {
+    let mut container = root.load(id)?;
+    if !force && !container.can_delete() {
+        return Err(wrong_status(
+            &container,
+            "delete (stop it first or use delete -f)",
+        ));
+    }
+    if force && container.status() != ContainerStatus::Stopped {
+        // Kill every process, including ones in a frozen cgroup.
+        if let Ok(pids) = container_pids(&container) {
+            for pid in pids {
+                let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+            }
+        }
+        if container.status() == ContainerStatus::Paused {
+            let _ = container.resume();
+        }
+    }
+    container
+        .delete(force)
+        .ctx(|| format!("delete container {id}"))
+}
+
+/// The cgroup manager of a container.
+pub fn cgroup_manager(container: &Container) -> Result<AnyCgroupManager> {
+    let config = container
+        .spec()
+        .ctx(|| format!("read config of container {}", container.id()))?;
+    libcgroups::common::create_cgroup_manager(CgroupConfig {
+        cgroup_path: config.cgroup_path,
+        systemd_cgroup: container.systemd(),
+        container_name: container.id().to_string(),
+    })
+    .map_err(|e| RuntimeError::Cgroup {
+        context: format!("open cgroup of container {}", container.id()),
+        reason: e.to_string(),
+    })
+}
+
+/// Pids of every process in the container's cgroup.
+pub fn container_pids(container: &Container) -> Result<Vec<Pid>> {
+    cgroup_manager(container)?
+        .get_all_pids()
+        .map_err(|e| RuntimeError::Cgroup {
+            context: format!("list processes of container {}", container.id()),
+            reason: e.to_string(),
+        })
+}
+
+/// What `exec` takes from the command line.
+#[derive(Debug, Clone, Default)]
+pub struct ExecOptions {
+    /// Container id.
+    pub id: String,
+    /// Command and arguments (unless `process` is given).
+    pub args: Vec<String>,
+    /// A process.json describing the process.
+    pub process: Option<PathBuf>,
+    /// Extra environment variables (KEY=VALUE).
+    pub env: Vec<String>,
+    /// Working directory.
+    pub cwd: Option<PathBuf>,
+    /// User id.
+    pub uid: Option<u32>,
+    /// Group id.
+    pub gid: Option<u32>,
+    /// Additional group ids.
+    pub additional_gids: Vec<u32>,
+    /// Extra capabilities.
+    pub caps: Vec<String>,
+    /// Set no_new_privs.
+    pub no_new_privs: bool,
+    /// Allocate a terminal (needs `console_socket` when detached).
+    pub tty: bool,
+    /// Socket receiving the pty master.
+    pub console_socket: Option<PathBuf>,
+    /// Where to write the process pid.
+    pub pid_file: Option<PathBuf>,
+    /// Extra file descriptors passed in.
+    pub preserve_fds: i32,
+    /// Do not wait for the process.
+    pub detach: bool,
+}
+
+/// Parses `KEY=VALUE` pairs into a map.
+fn env_map(env: &[String]) -> Result<HashMap<String, String>> {
+    env.iter()
+        .map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .ok_or_else(|| {
+                    RuntimeError::InvalidInput(format!(
+                        "invalid environment {kv:?}: expected KEY=VALUE"
+                    ))
+                })
+        })
+        .collect()
+}
+
+/// Starts a new process inside a running container and returns its pid.
+pub fn exec(root: &StateRoot, opts: &ExecOptions) -> Result<Pid> {
+    let container = root.load(&opts.id)?;
+    if container.status() != ContainerStatus::Running {
+        return Err(wrong_status(&container, "exec"));
+    }
+    if opts.args.is_empty() && opts.process.is_none() {
+        return Err(RuntimeError::InvalidInput(
+            "exec needs a command or --process".into(),
+        ));
+    }
+    if opts.tty && opts.detach && opts.console_socket.is_none() {
+        return Err(RuntimeError::InvalidInput(
+            "exec -t with -d needs --console-socket".into(),
+        ));
+    }
+    let env = env_map(&opts.env)?;
+    // libcontainer builds a terminal-less process from the arguments; for `-t`
+    // migrun writes the process out with `terminal` set, as runc does.
+    let tty_process = if opts.tty && opts.process.is_none() {
+        Some(write_tty_process(root, &container, opts)?)
+    } else {
+        None
+    };
+    let process = tty_process.clone().or_else(|| opts.process.clone());
+    let result = build_tenant(root, opts, env, process);
+    if let Some(path) = tty_process {
+        let _ = fs::remove_file(path);
+    }
+    result
+}
+
+/// Builds and starts the tenant process of `exec`.
+fn build_tenant(
+    root: &StateRoot,
+    opts: &ExecOptions,
+    env: HashMap<String, String>,
+    process: Option<PathBuf>,
+) -> Result<Pid> {
+    ContainerBuilder::new(opts.id.clone(), SyscallType::default())
+        .with_root_path(root.path())
+        .and_then(|b| {
+            b.with_console_socket(opts.console_socket.as_ref())
+                .with_pid_file(opts.pid_file.as_ref())
+        })
+        .map(|b| b.with_preserved_fds(opts.preserve_fds))
+        .and_then(|b| b.validate_id())
+        .and_then(|b| {
+            b.as_tenant()
+                .with_detach(opts.detach)
+                .with_cwd(opts.cwd.as_ref())
+                .with_env(env)
+                .with_process(process.as_ref())
+                .with_no_new_privs(opts.no_new_privs)
+                .with_container_args(opts.args.clone())
+                .with_additional_gids(opts.additional_gids.clone())
+                .with_user(opts.uid)
+                .with_group(opts.gid)
+                .with_capabilities(opts.caps.clone())
+                .build()
+        })
+        .ctx(|| format!("exec in container {}", opts.id))
+}
+
+/// Writes a process.json for `exec -t`: the container's process with the
+/// given arguments, environment, working directory and user, and a terminal.
+fn write_tty_process(
+    root: &StateRoot,
+    container: &Container,
+    opts: &ExecOptions,
+) -> Result<PathBuf> {
+    let spec = load_bundle_spec(container.bundle())?;
+    let mut process = spec.process().clone().unwrap_or_default();
+    process.set_args(Some(opts.args.clone()));
+    process.set_terminal(Some(true));
+    let mut env = process.env().clone().unwrap_or_default();
+    env.extend(opts.env.iter().cloned());
+    process.set_env(Some(env));
+    if let Some(cwd) = &opts.cwd {
+        process.set_cwd(cwd.clone());
+    }
+    let mut user = process.user().clone();
+    if let Some(uid) = opts.uid {
+        user.set_uid(uid);
+    }
+    if let Some(gid) = opts.gid {
+        user.set_gid(gid);
+    }
+    process.set_user(user);
+    let path = root
+        .container_dir(&opts.id)
+        .join(format!("exec-tty-{}.json", std::process::id()));
+    let text =
+        serde_json::to_vec(&process).map_err(|e| RuntimeError::InvalidInput(e.to_string()))?;
+    fs::write(&path, text).ctx(|| format!("write {}", path.display()))?;
+    Ok(path)
+}
