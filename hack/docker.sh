@@ -13,6 +13,7 @@
 # with dockerd's managed containerd), docker.pid, docker.sock, dockerd.log,
 # daemon.json. Containers use the bridge mr-docker0 (172.31.250.1/24).
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 DIR="${MIGRUN_DOCKER_DIR:-/var/lib/migrun-docker}"
@@ -127,7 +128,9 @@ cmd_up() {
 
     log "starting dockerd (state in $DIR, runtime migrun=$MIGRUN_BIN)"
     # setsid+nohup: it must outlive this script and its terminal.
-    setsid nohup dockerd \
+    # /usr/local/sbin first: runtimes run `criu` from PATH, and the CRIU >= 4
+    # that install-deps.sh builds lives there (Debian's 3.17 is in /usr/sbin).
+    PATH="/usr/local/sbin:/usr/local/bin:$PATH" setsid nohup dockerd \
         --config-file "$DIR/daemon.json" \
         --data-root "$DIR/data" \
         --exec-root "$DIR/exec" \
@@ -166,12 +169,12 @@ cleanup_leftovers() {
 # Container processes that outlived their shim (dockerd/containerd killed):
 # everything in our cgroup parent. Then remove the empty cgroups.
 kill_cgroup_leftovers() {
-    local roots=() r pids try
+    local roots=() r pids
     for r in /sys/fs/cgroup/*/"$CGROUP_PARENT" /sys/fs/cgroup/"$CGROUP_PARENT"; do
         [[ -d $r ]] && roots+=("$r")
     done
     ((${#roots[@]})) || return 0
-    for try in 1 2 3 4 5; do
+    for _ in 1 2 3 4 5; do
         pids="$(find "${roots[@]}" -name cgroup.procs -exec cat {} + 2>/dev/null | sort -u)"
         [[ -n $pids ]] || break
         # shellcheck disable=SC2086

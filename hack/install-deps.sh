@@ -6,6 +6,7 @@
 #   --crun   also mount the cgroup v1 hugetlb hierarchy crun wants.
 # Idempotent; when everything is in place it only checks and exits quickly.
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 CRIU_VERSION=4.1.1

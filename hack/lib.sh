@@ -4,6 +4,7 @@
 # Scripts set `set -euo pipefail` themselves before sourcing.
 
 HACK_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck disable=SC2034 # used by the scripts that source this file
 REPO_ROOT="$(cd "$HACK_DIR/.." && pwd)"
 # Name used as the prefix of every message (e.g. "docker.sh: ...").
 SCRIPT_NAME="${SCRIPT_NAME:-$(basename "${BASH_SOURCE[-1]:-$0}")}"

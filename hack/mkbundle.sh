@@ -5,6 +5,7 @@
 # process.terminal=false and root.readonly=false.
 # If DIR/rootfs already holds busybox, only config.json is rewritten.
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 [[ $# -ge 1 && $1 != -h && $1 != --help ]] || {

@@ -48,25 +48,25 @@ pub enum Rootless {
 #[derive(Args, Debug, Clone)]
 pub struct GlobalOpts {
     /// Root directory for storage of container state
-    #[arg(long, global = true, default_value = "/run/migrun")]
+    #[arg(long, default_value = "/run/migrun")]
     pub root: PathBuf,
     /// Set the log file to write logs to (default: standard error)
-    #[arg(long, global = true)]
+    #[arg(long)]
     pub log: Option<PathBuf>,
     /// Set the log format
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
     /// Enable debug logging
-    #[arg(long, global = true)]
+    #[arg(long)]
     pub debug: bool,
     /// Enable systemd cgroup support
-    #[arg(long, global = true)]
+    #[arg(long)]
     pub systemd_cgroup: bool,
     /// Path to the criu binary used for checkpoint and restore
-    #[arg(long, global = true, default_value = "criu")]
+    #[arg(long, default_value = "criu")]
     pub criu: PathBuf,
     /// Ignore cgroup permission errors
-    #[arg(long, global = true, value_enum, default_value_t = Rootless::Auto)]
+    #[arg(long, value_enum, default_value_t = Rootless::Auto)]
     pub rootless: Rootless,
 }
 

@@ -4,8 +4,8 @@ use std::io::Read;
 use std::path::Path;
 
 use libcgroups::common::{CgroupManager, ControllerOpt};
-pub use oci_spec::runtime::LinuxResources;
 use oci_spec::runtime::LinuxPids;
+pub use oci_spec::runtime::LinuxResources;
 
 use crate::error::{Context, Result, RuntimeError};
 use crate::lifecycle::cgroup_manager;

@@ -1,0 +1,328 @@
+//! Shared helpers of migrun's end-to-end tests: the binary under test, busybox
+//! bundles, a private state root per test, polling, and leftover checks.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Top of the repository.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// The migrun binary under test: `$MIGRUN_BIN`, else the release build, else the debug build.
+pub fn migrun_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("MIGRUN_BIN") {
+        return PathBuf::from(p);
+    }
+    let release = repo_root().join("target/release/migrun");
+    let debug = repo_root().join("target/debug/migrun");
+    match (fs::metadata(&release), fs::metadata(&debug)) {
+        (Ok(r), Ok(d)) => {
+            if r.modified().ok() >= d.modified().ok() {
+                release
+            } else {
+                debug
+            }
+        }
+        (Ok(_), Err(_)) => release,
+        _ => debug,
+    }
+}
+
+/// A unique container id for this test process.
+pub fn unique_id(name: &str) -> String {
+    format!("t{}-{}", std::process::id(), name)
+}
+
+/// A busybox rootfs made once per test run by hack/mkbundle.sh; bundles copy it.
+fn template_rootfs() -> &'static Path {
+    static TEMPLATE: OnceLock<PathBuf> = OnceLock::new();
+    TEMPLATE.get_or_init(|| {
+        let dir = repo_root().join("target/test-template");
+        if !dir.join("rootfs/bin/busybox").exists() {
+            let status = Command::new("bash")
+                .arg(repo_root().join("hack/mkbundle.sh"))
+                .arg(&dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .expect("run hack/mkbundle.sh");
+            assert!(status.success(), "hack/mkbundle.sh failed");
+        }
+        dir.join("rootfs")
+    })
+}
+
+/// An OCI bundle in a temporary directory: a private busybox rootfs and a
+/// config.json written by `migrun spec`, running `args`.
+pub struct Bundle {
+    dir: tempfile::TempDir,
+}
+
+impl Bundle {
+    /// Makes a bundle running `args` without a terminal.
+    pub fn new(args: &[&str]) -> Self {
+        Self::with(args, |_| {})
+    }
+
+    /// Makes a bundle running `args` and lets `edit` change the spec.
+    pub fn with(args: &[&str], edit: impl FnOnce(&mut Value)) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("migrun-bundle-")
+            .tempdir()
+            .expect("tempdir");
+        let status = Command::new("cp")
+            .arg("-a")
+            .arg(template_rootfs())
+            .arg(dir.path().join("rootfs"))
+            .status()
+            .expect("cp rootfs");
+        assert!(status.success());
+        let out = Command::new(migrun_bin())
+            .args(["spec", "--bundle"])
+            .arg(dir.path())
+            .output()
+            .expect("migrun spec");
+        assert!(
+            out.status.success(),
+            "migrun spec: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let path = dir.path().join("config.json");
+        let mut spec: Value =
+            serde_json::from_str(&fs::read_to_string(&path).expect("read config")).expect("json");
+        spec["process"]["args"] = args.iter().map(|a| Value::from(*a)).collect();
+        spec["process"]["terminal"] = Value::Bool(false);
+        spec["root"]["readonly"] = Value::Bool(false);
+        // A marker every process of the container inherits, to find them in /proc.
+        if let Some(env) = spec["process"]["env"].as_array_mut() {
+            env.push(Value::from(format!(
+                "{MARKER_VAR}={}",
+                dir.path().display()
+            )));
+        }
+        edit(&mut spec);
+        fs::write(&path, serde_json::to_vec_pretty(&spec).expect("ser")).expect("write config");
+        Self { dir }
+    }
+
+    /// The bundle directory.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The rootfs directory.
+    pub fn rootfs(&self) -> PathBuf {
+        self.dir.path().join("rootfs")
+    }
+
+    /// Reads a file inside the rootfs (e.g. a counter the container writes).
+    pub fn read(&self, rel: &str) -> Option<String> {
+        fs::read_to_string(self.rootfs().join(rel)).ok()
+    }
+}
+
+/// migrun with a private `--root`; force-deletes what is left on drop.
+pub struct Migrun {
+    root: tempfile::TempDir,
+}
+
+impl Default for Migrun {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Migrun {
+    /// A fresh state root.
+    pub fn new() -> Self {
+        Self {
+            root: tempfile::Builder::new()
+                .prefix("migrun-root-")
+                .tempdir()
+                .expect("tempdir"),
+        }
+    }
+
+    /// The state root.
+    pub fn root(&self) -> &Path {
+        self.root.path()
+    }
+
+    /// A command with `--root` set.
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(migrun_bin());
+        cmd.arg("--root").arg(self.root.path());
+        cmd
+    }
+
+    /// Runs migrun with `args`, stdin closed, and returns its output.
+    ///
+    /// Output goes through files, not pipes: a detached container inherits
+    /// migrun's stdio and would hold a pipe open long after migrun exits.
+    pub fn run(&self, args: &[&str]) -> Output {
+        let mut out = tempfile::tempfile().expect("tmp");
+        let mut err = tempfile::tempfile().expect("tmp");
+        let status = self
+            .command()
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("dup"))
+            .stderr(err.try_clone().expect("dup"))
+            .status()
+            .expect("spawn migrun");
+        let read = |f: &mut fs::File| {
+            use std::io::{Read, Seek};
+            let mut buf = Vec::new();
+            f.rewind().expect("rewind");
+            f.read_to_end(&mut buf).expect("read");
+            buf
+        };
+        Output {
+            status,
+            stdout: read(&mut out),
+            stderr: read(&mut err),
+        }
+    }
+
+    /// Runs migrun and asserts success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "migrun {args:?} failed ({:?}): {}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs migrun and asserts failure with a one-line error; returns it.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            !out.status.success(),
+            "migrun {args:?} succeeded unexpectedly: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        assert_eq!(
+            stderr.trim_end().lines().count(),
+            1,
+            "migrun {args:?}: expected one error line, got: {stderr:?}"
+        );
+        stderr
+    }
+
+    /// The state JSON of container `id`.
+    pub fn state(&self, id: &str) -> Value {
+        serde_json::from_str(&self.ok(&["state", id])).expect("state json")
+    }
+
+    /// The status field of container `id`.
+    pub fn status(&self, id: &str) -> String {
+        self.state(id)["status"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+}
+
+impl Drop for Migrun {
+    fn drop(&mut self) {
+        if let Ok(entries) = fs::read_dir(self.root.path()) {
+            for entry in entries.flatten() {
+                let id = entry.file_name().to_string_lossy().into_owned();
+                let _ = self.command().args(["delete", "-f", &id]).output();
+            }
+        }
+    }
+}
+
+/// Polls `f` every 20 ms until it returns true or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Environment variable that marks the processes of a test bundle.
+const MARKER_VAR: &str = "MIGRUN_TEST_BUNDLE";
+
+/// Pids of the processes of the container made from the bundle whose rootfs
+/// is `rootfs` (found by the marker in their environment).
+pub fn processes_rooted_at(rootfs: &Path) -> Vec<i32> {
+    let Some(bundle) = rootfs.parent() else {
+        return Vec::new();
+    };
+    let marker = format!("{MARKER_VAR}={}", bundle.display());
+    let mut pids = Vec::new();
+    if let Ok(entries) = fs::read_dir("/proc") {
+        for entry in entries.flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(environ) = fs::read(entry.path().join("environ")) else {
+                continue;
+            };
+            if environ.split(|b| *b == 0).any(|kv| kv == marker.as_bytes()) {
+                pids.push(pid);
+            }
+        }
+    }
+    pids
+}
+
+/// cgroup directories (in any v1 hierarchy or v2) whose name contains `id`.
+pub fn cgroups_named(id: &str) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![(PathBuf::from("/sys/fs/cgroup"), 0)];
+    while let Some((dir, depth)) = stack.pop() {
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if !entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                continue;
+            }
+            if entry.file_name().to_string_lossy().contains(id) {
+                found.push(path.clone());
+            }
+            if depth < 3 {
+                stack.push((path, depth + 1));
+            }
+        }
+    }
+    found
+}
+
+/// The memory cgroup directory of process `pid` (cgroup v1 or v2).
+pub fn memory_cgroup_of(pid: i32) -> Option<PathBuf> {
+    let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    for line in text.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        if controllers.split(',').any(|c| c == "memory") {
+            return Some(PathBuf::from(format!("/sys/fs/cgroup/memory{path}")));
+        }
+    }
+    text.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(|p| PathBuf::from(format!("/sys/fs/cgroup/unified{p}")))
+}
