@@ -106,11 +106,13 @@ cmd_up() {
             wait_until "$START_TIMEOUT" answers \
                 || die "dockerd (pid $pid) does not answer on $SOCK (see $DIR/dockerd.log; try '$0 down')"
         fi
-        if [[ -f $DIR/daemon.json && $(daemon_json) != "$(cat "$DIR/daemon.json")" ]]; then
-            warn "running dockerd uses an older $DIR/daemon.json (MIGRUN_BIN changed?): run '$0 down' then '$0 up'"
+        if [[ -f $DIR/daemon.json && $(daemon_json) == "$(cat "$DIR/daemon.json")" ]]; then
+            import_image
+            return 0
         fi
-        import_image
-        return 0
+        # It is our own dockerd: restart it with the new configuration.
+        log "daemon.json changed (MIGRUN_BIN?): restarting dockerd (pid $pid)"
+        cmd_down
     fi
 
     [[ -x $MIGRUN_BIN ]] || warn "$MIGRUN_BIN does not exist (yet): --runtime=migrun will fail until it is built"

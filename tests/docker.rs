@@ -1,1 +1,144 @@
-//! Docker tests (written below).
+//! migrun as a Docker runtime, on the project's own dockerd (`hack/docker.sh up`).
+
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use migrun_tests::{unique_id, wait_until};
+
+/// The project's dockerd socket: `$DOCKER_HOST`, else hack/docker.sh's default.
+fn docker_host() -> String {
+    std::env::var("DOCKER_HOST")
+        .unwrap_or_else(|_| "unix:///var/lib/migrun-docker/docker.sock".to_string())
+}
+
+fn docker(args: &[&str]) -> Output {
+    Command::new("docker")
+        .env("DOCKER_HOST", docker_host())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run docker (is hack/docker.sh up?)")
+}
+
+fn docker_ok(args: &[&str]) -> String {
+    let out = docker(args);
+    assert!(
+        out.status.success(),
+        "docker {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Removes the container when the test ends, whatever happened.
+struct Cleanup(String);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = docker(&["rm", "-f", &self.0]);
+    }
+}
+
+#[test]
+fn run_rm_prints_and_propagates_exit_code() {
+    let out = docker(&["run", "--rm", "--runtime=migrun", "busybox:local", "echo", "hi"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hi\n");
+    let out = docker(&["run", "--rm", "--runtime=migrun", "busybox:local", "sh", "-c", "exit 3"]);
+    assert_eq!(out.status.code(), Some(3));
+}
+
+#[test]
+fn detached_container_exec_logs_top_pause_stop_rm() {
+    let name = unique_id("docker-life");
+    let _cleanup = Cleanup(name.clone());
+    let script = "trap 'echo got-term; exit 0' TERM; i=0; while true; do i=$((i+1)); echo tick $i; sleep 0.1; done";
+    docker_ok(&["run", "-d", "--name", &name, "--runtime=migrun", "busybox:local", "sh", "-c", script]);
+    let inspect = docker_ok(&["inspect", "-f", "{{.HostConfig.Runtime}}", &name]);
+    assert_eq!(inspect.trim(), "migrun");
+
+    let ticks = || {
+        String::from_utf8_lossy(&docker(&["logs", &name]).stdout)
+            .lines()
+            .filter(|l| l.starts_with("tick "))
+            .count()
+    };
+    assert!(wait_until(Duration::from_secs(10), || ticks() >= 3), "no ticks in docker logs");
+
+    let out = docker(&["exec", &name, "sh", "-c", "echo exec-ok; exit 4"]);
+    assert_eq!(out.status.code(), Some(4));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "exec-ok\n");
+
+    let top = docker_ok(&["top", &name]);
+    assert!(top.contains("PID") && top.contains("trap"), "{top}");
+
+    docker_ok(&["pause", &name]);
+    let state = docker_ok(&["inspect", "-f", "{{.State.Status}}", &name]);
+    assert_eq!(state.trim(), "paused");
+    std::thread::sleep(Duration::from_millis(300));
+    let frozen = ticks();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(ticks(), frozen, "counter advanced while paused");
+    docker_ok(&["unpause", &name]);
+    assert!(wait_until(Duration::from_secs(5), || ticks() > frozen + 2));
+
+    let started = Instant::now();
+    docker_ok(&["stop", "-t", "10", &name]);
+    assert!(started.elapsed() < Duration::from_secs(9), "stop waited for the timeout: SIGTERM not delivered");
+    let logs = String::from_utf8_lossy(&docker(&["logs", &name]).stdout).into_owned();
+    assert!(logs.contains("got-term"), "container did not see SIGTERM: {logs}");
+    let code = docker_ok(&["inspect", "-f", "{{.State.ExitCode}}", &name]);
+    assert_eq!(code.trim(), "0");
+    docker_ok(&["rm", &name]);
+    assert!(!docker_ok(&["ps", "-a", "--format", "{{.Names}}"]).lines().any(|n| n == name));
+}
+
+#[test]
+fn run_interactive_through_a_pty() {
+    let pty = nix::pty::openpty(None, None).expect("openpty");
+    let slave: OwnedFd = pty.slave;
+    let mut child = Command::new("docker")
+        .env("DOCKER_HOST", docker_host())
+        .args(["run", "-it", "--rm", "--runtime=migrun", "busybox:local", "sh"])
+        .stdin(Stdio::from(slave.as_fd().try_clone_to_owned().expect("dup")))
+        .stdout(Stdio::from(slave.as_fd().try_clone_to_owned().expect("dup")))
+        .stderr(Stdio::from(slave))
+        .spawn()
+        .expect("spawn docker");
+    let mut master = std::fs::File::from(pty.master);
+    master
+        .write_all(b"tty; echo typed-$((6*7))\nexit 2\n")
+        .expect("write to pty");
+    let reader = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        // EIO once the last slave closes: the normal end of a pty.
+        while let Ok(n) = master.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+            if String::from_utf8_lossy(&out).contains("typed-42") && out.len() > 4096 * 16 {
+                break;
+            }
+        }
+        out
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("docker run -it did not finish");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let text = String::from_utf8_lossy(&reader.join().expect("reader")).into_owned();
+    assert!(text.contains("typed-42"), "{text}");
+    assert!(text.contains("/dev/pts/"), "no terminal inside the container: {text}");
+    assert_eq!(status.code(), Some(2), "{text}");
+}

@@ -1,0 +1,49 @@
+# migrun: the two commands of the README are `make demo` and `make test`.
+# Every target installs what it needs through hack/ (idempotent, quick when done).
+
+SHELL := /bin/bash
+CARGO ?= cargo
+MIGRUN_BIN := $(CURDIR)/target/release/migrun
+export MIGRUN_BIN
+export PATH := /usr/local/sbin:/usr/local/bin:$(PATH):/root/.cargo/bin
+
+.PHONY: all deps build lint test unit-test e2e-test docker-up docker-down demo \
+        bench bench-runtime clean
+
+all: build
+
+deps:
+	@bash hack/install-deps.sh
+
+build: deps
+	$(CARGO) build --release --workspace --bins
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+docker-up: build
+	@bash hack/docker.sh up
+
+docker-down:
+	@bash hack/docker.sh down
+
+unit-test:
+	$(CARGO) test --workspace --exclude migrun-tests
+
+e2e-test: build docker-up
+	$(CARGO) test -p migrun-tests -- --test-threads=2
+
+# The README's test command: lint, unit tests, end-to-end tests.
+test: deps build lint unit-test e2e-test
+
+demo: build docker-up
+	@bash hack/demo.sh
+
+bench: bench-runtime
+
+bench-runtime: build
+	@bash hack/bench-runtime.sh
+
+clean:
+	$(CARGO) clean
