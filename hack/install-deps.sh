@@ -19,7 +19,7 @@ TRIXIE_PIN=/etc/apt/preferences.d/migrun-trixie-src
 PACKAGES=(
     docker.io containerd runc crun busybox-static iproute2 hyperfine iptables
     libseccomp-dev pkg-config jq util-linux procps psmisc python3
-    file kmod tar xz-utils ca-certificates
+    file kmod tar xz-utils ca-certificates time
 )
 CRIU_BUILD_DEPS=(
     build-essential make gcc libc6-dev
