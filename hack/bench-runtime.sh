@@ -28,7 +28,9 @@ OUT=${BENCH_OUT:-$REPO_ROOT/bench/results/$(date +%F)/runtime}
 MIGRUN_BIN=${MIGRUN_BIN:-$REPO_ROOT/target/release/migrun}
 GNU_TIME=/usr/bin/time
 for v in RUNS WARMUP RSS_RUNS; do
-    [[ ${!v} =~ ^[0-9]+$ ]] && ((${!v} >= 1)) || die "BENCH_$v must be a positive integer, got '${!v}'"
+    if ! [[ ${!v} =~ ^[0-9]+$ ]] || ((${!v} < 1)); then
+        die "BENCH_$v must be a positive integer, got '${!v}'"
+    fi
 done
 ((RUNS >= 2)) || die "BENCH_RUNS must be >= 2 (hyperfine needs 2 runs for a stddev)"
 
@@ -167,9 +169,12 @@ env_json="$(
     {
         echo "date=$(date -Is)"
         echo "kernel=$(uname -r)"
+        echo "loadavg_at_end=$(cut -d" " -f1-3 /proc/loadavg)"
         echo "cpu=$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo) x $(nproc)"
         echo "hyperfine=$(hyperfine --version)"
-        echo "runs=$RUNS warmup=$WARMUP rss_runs=$RSS_RUNS"
+        echo "runs=$RUNS"
+        echo "warmup=$WARMUP"
+        echo "rss_runs=$RSS_RUNS"
         echo "migrun_commit=$(git -C "$REPO_ROOT" describe --always --dirty 2>/dev/null || echo unknown)"
         for i in "${!names[@]}"; do
             echo "version_${names[$i]}=$("${bins[$i]}" --version 2>/dev/null | head -n 1)"
@@ -243,7 +248,7 @@ line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, width)) + 
 table = [line(head), "|" + "|".join("-" * (w + 2) for w in width) + "|"] + [line(r) for r in rows]
 legend = ("Ratios are peer / migrun (mean time; median peak RSS): > 1 means migrun is "
           "faster / smaller. Times are mean ± stddev over "
-          f"{env['runs']}; peak RSS is GNU time's %M of `create`, median of its runs.")
+          f"{env['runs']} runs ({env['warmup']} warmup); peak RSS is GNU time's %M of `create`, median of {env['rss_runs']} runs.")
 
 checks = []
 def check(label, ok):
@@ -295,3 +300,6 @@ case $status in
     3) if [[ ${BENCH_STRICT:-0} == 1 ]]; then die "some targets were missed"; fi ;;
     *) die "summary failed (status $status)" ;;
 esac
+for b in run seq; do
+    [[ -s $OUT/$b-migrun.json ]] || die "no $b result for migrun (hyperfine failed, see above)"
+done

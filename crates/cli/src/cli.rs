@@ -207,6 +207,98 @@ pub enum Command {
     Update(UpdateArgs),
     /// Show the enabled features
     Features,
+    /// Checkpoint a running container
+    Checkpoint(CheckpointArgs),
+    /// Restore a container from a previous checkpoint
+    Restore(RestoreArgs),
+}
+
+/// Flags shared by `checkpoint` and `restore` (runc's names).
+#[derive(Args, Debug, Clone)]
+pub struct CriuArgs {
+    /// Path for saving criu image files
+    #[arg(long, default_value = "checkpoint")]
+    pub image_path: PathBuf,
+    /// Path for saving work files and logs
+    #[arg(long)]
+    pub work_path: Option<PathBuf>,
+    /// Allow open tcp connections
+    #[arg(long)]
+    pub tcp_established: bool,
+    /// Allow external unix sockets
+    #[arg(long)]
+    pub ext_unix_sk: bool,
+    /// Allow shell jobs
+    #[arg(long)]
+    pub shell_job: bool,
+    /// Handle file locks, for safety
+    #[arg(long)]
+    pub file_locks: bool,
+    /// Use lazy migration mechanism
+    #[arg(long)]
+    pub lazy_pages: bool,
+    /// cgroups mode: soft, full, strict or ignore
+    #[arg(long)]
+    pub manage_cgroups_mode: Option<String>,
+    /// Create a namespace, but don't restore its properties (only "network")
+    #[arg(long)]
+    pub empty_ns: Vec<String>,
+    /// Enable auto deduplication of memory images
+    #[arg(long)]
+    pub auto_dedup: bool,
+}
+
+/// Flags of `checkpoint`.
+#[derive(Args, Debug, Clone)]
+pub struct CheckpointArgs {
+    /// Flags shared with restore.
+    #[command(flatten)]
+    pub criu: CriuArgs,
+    /// Path for previous criu image files in pre-dump
+    #[arg(long)]
+    pub parent_path: Option<String>,
+    /// Leave the process running after checkpointing
+    #[arg(long)]
+    pub leave_running: bool,
+    /// Dump container's memory information only, leave the container running after this
+    #[arg(long)]
+    pub pre_dump: bool,
+    /// ADDRESS:PORT of the page server
+    #[arg(long)]
+    pub page_server: Option<String>,
+    /// criu writes \0 to this FD once lazy-pages is ready
+    #[arg(long)]
+    pub status_fd: Option<i32>,
+    /// The container id
+    pub id: String,
+}
+
+/// Flags of `restore`.
+#[derive(Args, Debug, Clone)]
+pub struct RestoreArgs {
+    /// Flags shared with checkpoint.
+    #[command(flatten)]
+    pub criu: CriuArgs,
+    /// Path to the root of the bundle directory
+    #[arg(short, long, default_value = ".")]
+    pub bundle: PathBuf,
+    /// Detach from the container's process
+    #[arg(short, long)]
+    pub detach: bool,
+    /// Specify the file to write the process id to
+    #[arg(long)]
+    pub pid_file: Option<PathBuf>,
+    /// Path to an AF_UNIX socket which will receive the pty master
+    #[arg(long)]
+    pub console_socket: Option<PathBuf>,
+    /// Do not use pivot root to jail the process inside rootfs
+    #[arg(long)]
+    pub no_pivot: bool,
+    /// Disable the use of the subreaper used to reap reparented processes
+    #[arg(long)]
+    pub no_subreaper: bool,
+    /// The container id
+    pub id: String,
 }
 
 /// Flags of `exec`.

@@ -5,12 +5,86 @@ mod cli;
 mod commands;
 mod logging;
 
-use clap::Parser;
+use std::collections::HashSet;
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use clap::{CommandFactory, Parser};
 
 use crate::cli::{Cli, Command};
 
+/// Rewrites Go-style single-dash long flags (`-no-subreaper`, which
+/// containerd's go-runc passes) to `--no-subreaper`, for every long flag
+/// name migrun knows. Short flags and clusters (`-d`, `-it`) are untouched.
+fn normalize_args(args: Vec<OsString>) -> Vec<OsString> {
+    let mut longs = HashSet::new();
+    collect_long_names(&Cli::command(), &mut longs);
+    let mut out = Vec::with_capacity(args.len());
+    let mut passthrough = false;
+    for arg in args {
+        let text = arg.to_string_lossy();
+        if text == "--" {
+            passthrough = true;
+        }
+        if !passthrough && text.starts_with('-') && !text.starts_with("--") && text.len() > 2 {
+            let name = text[1..].split('=').next().unwrap_or_default();
+            if longs.contains(name) {
+                out.push(OsString::from(format!("-{text}")));
+                continue;
+            }
+        }
+        out.push(arg);
+    }
+    out
+}
+
+/// Every long flag name of `cmd` and its subcommands.
+fn collect_long_names(cmd: &clap::Command, names: &mut HashSet<String>) {
+    for arg in cmd.get_arguments() {
+        if let Some(long) = arg.get_long() {
+            names.insert(long.to_string());
+        }
+        for alias in arg.get_all_aliases().unwrap_or_default() {
+            names.insert(alias.to_string());
+        }
+    }
+    for sub in cmd.get_subcommands() {
+        collect_long_names(sub, names);
+    }
+}
+
+/// Writes a command-line error to the `--log` file, if one was given, so
+/// that containerd can report it.
+fn log_usage_error(args: &[OsString], msg: &str) {
+    let value_of = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+            .map(PathBuf::from)
+    };
+    if let Some(path) = value_of("--log") {
+        let format = match value_of("--log-format").as_deref().and_then(|p| p.to_str()) {
+            Some("json") => cli::LogFormat::Json,
+            _ => cli::LogFormat::Text,
+        };
+        if let Ok(log) = logging::init(Some(&path), format, false) {
+            log.write(&tracing::Level::ERROR, msg);
+        }
+    }
+}
+
 fn main() {
-    let cli = Cli::parse();
+    let args = normalize_args(std::env::args_os().collect());
+    let cli = match Cli::try_parse_from(&args) {
+        Ok(cli) => cli,
+        Err(err) => {
+            if err.use_stderr() {
+                let first = err.to_string();
+                log_usage_error(&args, first.lines().next().unwrap_or_default());
+            }
+            err.exit();
+        }
+    };
     let log = match logging::init(
         cli.global.log.as_deref(),
         cli.global.log_format,

@@ -7,6 +7,7 @@
 //! what runc users expect on top (runc's state JSON, listing, `ps`, stats
 //! events, resource updates, the self-protecting sealed executable).
 
+pub mod checkpoint;
 pub mod error;
 pub mod events;
 pub mod features;

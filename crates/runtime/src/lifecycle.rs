@@ -81,7 +81,7 @@ pub fn load_bundle_spec(bundle: &Path) -> Result<Spec> {
 }
 
 /// Absolute rootfs of a bundle's spec.
-fn rootfs_of(bundle: &Path, spec: &Spec) -> PathBuf {
+pub(crate) fn rootfs_of(bundle: &Path, spec: &Spec) -> PathBuf {
     let path = spec
         .root()
         .as_ref()

@@ -1,5 +1,6 @@
 //! One module per command; each turns parsed flags into library calls.
 
+mod checkpoint;
 mod create;
 mod exec;
 mod info;
@@ -26,6 +27,7 @@ pub fn dispatch(cli: Cli) -> Result<i32> {
         tracing::debug!("--rootless=true as root: cgroup errors are not ignored");
     }
     let root = state_root(&cli)?;
+    let criu = cli.global.criu.clone();
     match cli.command {
         Command::Spec { bundle, rootless } => info::spec(&bundle, rootless),
         Command::Create(args) => create::create(&root, &args),
@@ -50,5 +52,7 @@ pub fn dispatch(cli: Cli) -> Result<i32> {
         } => info::events(&root, &id, stats, &interval),
         Command::Update(args) => update::update(&root, &args),
         Command::Features => info::features(),
+        Command::Checkpoint(args) => checkpoint::checkpoint(&root, &args, &criu),
+        Command::Restore(args) => checkpoint::restore(&root, &args, &criu),
     }
 }

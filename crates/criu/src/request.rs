@@ -1,0 +1,296 @@
+//! Dump and restore requests, sent to CRIU over its RPC (`criu swrk`).
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI32, Ordering};
+
+use rust_criu::rust_criu_protobuf::rpc::Criu_notify;
+use rust_criu::CgMode;
+
+use crate::binary::CriuBinary;
+use crate::images::first_error_line;
+use crate::{io_err, CriuError, Result};
+
+/// Name of CRIU's log file for a dump.
+pub const DUMP_LOG: &str = "dump.log";
+/// Name of CRIU's log file for a restore.
+pub const RESTORE_LOG: &str = "restore.log";
+/// CRIU's log verbosity (4: debug, what runc uses).
+const LOG_LEVEL: i32 = 4;
+
+/// What to dump and how (runc's `checkpoint` flags).
+#[derive(Debug, Clone, Default)]
+pub struct DumpRequest {
+    /// Root pid of the tree to dump.
+    pub pid: i32,
+    /// Where the images go.
+    pub image_dir: PathBuf,
+    /// Where logs and temporary files go (default: the image dir).
+    pub work_dir: Option<PathBuf>,
+    /// Images of a previous pre-dump, relative to `image_dir`.
+    pub parent_path: Option<String>,
+    /// Keep the processes running after the dump.
+    pub leave_running: bool,
+    /// Dump established TCP connections.
+    pub tcp_established: bool,
+    /// Allow external unix sockets.
+    pub ext_unix_sk: bool,
+    /// The tree is a shell job (has a controlling terminal outside).
+    pub shell_job: bool,
+    /// Dump file locks.
+    pub file_locks: bool,
+    /// Send pages to a page server at this address and port.
+    pub page_server: Option<(String, i32)>,
+    /// Leave memory to be fetched lazily on restore.
+    pub lazy_pages: bool,
+    /// A descriptor CRIU writes a byte to when it is ready for lazy pages.
+    pub status_fd: Option<i32>,
+    /// How to treat cgroups.
+    pub cgroups_mode: Option<CgroupsMode>,
+    /// Dump the network namespace empty.
+    pub empty_net_ns: bool,
+    /// Deduplicate pages against the parent images.
+    pub auto_dedup: bool,
+    /// Root of the tree's filesystem (the container rootfs).
+    pub root: PathBuf,
+    /// Mounts CRIU must treat as external: (mount point, key).
+    pub external_mounts: Vec<(String, String)>,
+    /// Other externals (`net[inode]:key` for external namespaces).
+    pub externals: Vec<String>,
+    /// Freezer cgroup CRIU freezes the tree with (faster than ptrace alone).
+    pub freeze_cgroup: Option<String>,
+}
+
+/// What to restore and how (runc's `restore` flags).
+#[derive(Debug, Clone, Default)]
+pub struct RestoreRequest {
+    /// Where the images are.
+    pub image_dir: PathBuf,
+    /// Where logs and temporary files go (default: the image dir).
+    pub work_dir: Option<PathBuf>,
+    /// Root of the restored tree's filesystem.
+    pub root: PathBuf,
+    /// External mounts: (key as dumped, host path to mount).
+    pub external_mounts: Vec<(String, String)>,
+    /// Descriptors CRIU gives to the restored tree in place of dumped
+    /// files (fd in this process, key such as `pipe:[1234]` or `extRootNetNS`).
+    pub inherit_fds: Vec<(RawFd, String)>,
+    /// Restore established TCP connections.
+    pub tcp_established: bool,
+    /// Allow external unix sockets.
+    pub ext_unix_sk: bool,
+    /// The tree is a shell job.
+    pub shell_job: bool,
+    /// Restore file locks.
+    pub file_locks: bool,
+    /// How to treat cgroups.
+    pub cgroups_mode: Option<CgroupsMode>,
+    /// Restore with memory fetched lazily.
+    pub lazy_pages: bool,
+    /// Restore the network namespace empty.
+    pub empty_net_ns: bool,
+    /// Deduplicate images while restoring.
+    pub auto_dedup: bool,
+    /// Make the restored root task a child of this process (runc does).
+    pub rst_sibling: bool,
+}
+
+/// How CRIU treats cgroups (runc's `--manage-cgroups-mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CgroupsMode {
+    /// Leave cgroups alone: restored tasks stay in CRIU's own cgroup.
+    Ignore,
+    /// Restore properties only where cgroups are new.
+    Soft,
+    /// Restore all properties.
+    Full,
+    /// Fail when cgroups differ.
+    Strict,
+    /// Restore properties only.
+    Props,
+}
+
+impl CgroupsMode {
+    /// Parses runc's flag value.
+    pub fn parse(text: &str) -> Result<Self> {
+        Ok(match text {
+            "ignore" => Self::Ignore,
+            "soft" => Self::Soft,
+            "full" => Self::Full,
+            "strict" => Self::Strict,
+            "props" => Self::Props,
+            other => {
+                return Err(CriuError::Unsupported(format!(
+                    "invalid --manage-cgroups-mode {other:?}: use ignore, soft, full or strict"
+                )))
+            }
+        })
+    }
+
+    /// rust-criu's value.
+    fn to_criu(self) -> CgMode {
+        match self {
+            Self::Ignore => CgMode::IGNORE,
+            Self::Soft => CgMode::SOFT,
+            Self::Full => CgMode::FULL,
+            Self::Strict => CgMode::STRICT,
+            Self::Props => CgMode::PROPS,
+        }
+    }
+}
+
+/// Opens a directory for CRIU, keeping the file alive while CRIU runs.
+fn open_dir(path: &Path) -> Result<File> {
+    File::open(path).map_err(io_err(format!("open {}", path.display())))
+}
+
+/// Turns a CRIU failure into one line with the first error of its log.
+fn failed(action: &'static str, log: PathBuf, err: rust_criu::CriuError) -> CriuError {
+    let detail = first_error_line(&log).unwrap_or_else(|| err.to_string());
+    CriuError::Failed {
+        action,
+        detail,
+        log,
+    }
+}
+
+/// Dumps the process tree of `req.pid` with CRIU.
+pub fn dump(bin: &CriuBinary, req: &DumpRequest) -> Result<()> {
+    let _span = tracing::info_span!("criu_dump", pid = req.pid).entered();
+    let mut criu = rust_criu::Criu::new_with_criu_path(bin.path.to_string_lossy().into_owned())
+        .map_err(|e| CriuError::Unsupported(e.to_string()))?;
+    let images = open_dir(&req.image_dir)?;
+    criu.set_images_dir_fd(images.as_raw_fd());
+    let work = match &req.work_dir {
+        Some(w) => {
+            crate::images::ensure_writable_dir(w)?;
+            Some(open_dir(w)?)
+        }
+        None => None,
+    };
+    if let Some(w) = &work {
+        criu.set_work_dir_fd(w.as_raw_fd());
+    }
+    let log = req
+        .work_dir
+        .as_ref()
+        .unwrap_or(&req.image_dir)
+        .join(DUMP_LOG);
+    criu.set_log_file(DUMP_LOG.to_string());
+    criu.set_log_level(LOG_LEVEL);
+    criu.set_pid(req.pid);
+    criu.set_root(req.root.to_string_lossy().into_owned());
+    criu.set_leave_running(req.leave_running);
+    criu.set_tcp_established(req.tcp_established);
+    criu.set_ext_unix_sk(req.ext_unix_sk);
+    criu.set_shell_job(req.shell_job);
+    criu.set_file_locks(req.file_locks);
+    criu.set_orphan_pts_master(true);
+    criu.set_manage_cgroups(true);
+    criu.cgroups_mode(req.cgroups_mode.unwrap_or(CgroupsMode::Soft).to_criu());
+    criu.set_link_remap(true);
+    if let Some(parent) = &req.parent_path {
+        criu.set_parent_img(parent.clone());
+    }
+    if let Some((addr, port)) = &req.page_server {
+        criu.set_page_server(addr.clone(), *port);
+    }
+    if req.lazy_pages {
+        criu.set_lazy_pages(true);
+    }
+    if let Some(fd) = req.status_fd {
+        criu.set_status_fd(fd);
+    }
+    if req.empty_net_ns {
+        criu.set_empty_net_ns(true);
+    }
+    if req.auto_dedup {
+        criu.set_auto_dedup(true);
+    }
+    if let Some(cg) = &req.freeze_cgroup {
+        criu.set_freeze_cgroup(cg.clone());
+    }
+    for (key, val) in &req.external_mounts {
+        criu.set_external_mount(key.clone(), val.clone());
+    }
+    for ext in &req.externals {
+        criu.add_external(ext.clone());
+    }
+    criu.dump().map_err(|e| failed("dump", log, e))
+}
+
+/// Pid of the restored root task, reported by CRIU's post-restore notification.
+static RESTORED_PID: AtomicI32 = AtomicI32::new(0);
+
+/// CRIU notification callback: records the restored pid.
+fn on_notify(script: &str, notify: &Criu_notify, _fd: Option<RawFd>) -> i32 {
+    if script == "post-restore" {
+        RESTORED_PID.store(notify.pid(), Ordering::SeqCst);
+    }
+    0
+}
+
+/// Restores a process tree with CRIU and returns the pid of its root task.
+pub fn restore(bin: &CriuBinary, req: &RestoreRequest) -> Result<i32> {
+    let _span = tracing::info_span!("criu_restore").entered();
+    let mut criu = rust_criu::Criu::new_with_criu_path(bin.path.to_string_lossy().into_owned())
+        .map_err(|e| CriuError::Unsupported(e.to_string()))?;
+    let images = open_dir(&req.image_dir)?;
+    criu.set_images_dir_fd(images.as_raw_fd());
+    let work = match &req.work_dir {
+        Some(w) => {
+            crate::images::ensure_writable_dir(w)?;
+            Some(open_dir(w)?)
+        }
+        None => None,
+    };
+    if let Some(w) = &work {
+        criu.set_work_dir_fd(w.as_raw_fd());
+    }
+    let log = req
+        .work_dir
+        .as_ref()
+        .unwrap_or(&req.image_dir)
+        .join(RESTORE_LOG);
+    criu.set_log_file(RESTORE_LOG.to_string());
+    criu.set_log_level(LOG_LEVEL);
+    criu.set_root(req.root.to_string_lossy().into_owned());
+    criu.set_tcp_established(req.tcp_established);
+    criu.set_ext_unix_sk(req.ext_unix_sk);
+    criu.set_shell_job(req.shell_job);
+    criu.set_file_locks(req.file_locks);
+    criu.set_orphan_pts_master(true);
+    criu.set_manage_cgroups(true);
+    criu.cgroups_mode(req.cgroups_mode.unwrap_or(CgroupsMode::Ignore).to_criu());
+    criu.set_rst_sibling(req.rst_sibling);
+    criu.set_notify_scripts(true);
+    criu.set_notify_cb(on_notify);
+    if req.lazy_pages {
+        criu.set_lazy_pages(true);
+    }
+    if req.empty_net_ns {
+        criu.set_empty_net_ns(true);
+    }
+    if req.auto_dedup {
+        criu.set_auto_dedup(true);
+    }
+    for (key, val) in &req.external_mounts {
+        criu.set_external_mount(key.clone(), val.clone());
+    }
+    for (fd, key) in &req.inherit_fds {
+        criu.add_inherit_fd(*fd, key.clone())
+            .map_err(|e| CriuError::Unsupported(e.to_string()))?;
+    }
+    RESTORED_PID.store(0, Ordering::SeqCst);
+    criu.restore()
+        .map_err(|e| failed("restore", log.clone(), e))?;
+    match RESTORED_PID.load(Ordering::SeqCst) {
+        0 => Err(CriuError::Failed {
+            action: "restore",
+            detail: "criu did not report the restored pid".into(),
+            log,
+        }),
+        pid => Ok(pid),
+    }
+}

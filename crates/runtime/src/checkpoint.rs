@@ -1,0 +1,570 @@
+//! `checkpoint` and `restore`: a container's process tree to CRIU images and back.
+//!
+//! libcontainer checkpoints but does not restore; migrun does both itself,
+//! following runc: bind mounts and v1 cgroup mounts are CRIU externals,
+//! namespaces given by path are external namespaces, stdio pipes are handed
+//! back with inherit-fd, and the restored tree lands in the container's own
+//! new cgroup.
+
+use std::fs;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use libcgroups::common::{CgroupConfig, CgroupManager, ControllerOpt};
+use libcontainer::config::YoukiConfig;
+use libcontainer::container::{Container, ContainerStatus};
+use migrun_criu::{CgroupsMode, CriuBinary, DumpRequest, RestoreRequest};
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::unistd::Pid;
+use oci_spec::runtime::{LinuxNamespaceType, Spec};
+
+use crate::error::{Context, Result, RuntimeError};
+use crate::lifecycle::{self, load_bundle_spec};
+use crate::state::status_name;
+use crate::store::{ContainerMeta, StateRoot};
+
+impl From<migrun_criu::CriuError> for RuntimeError {
+    fn from(err: migrun_criu::CriuError) -> Self {
+        RuntimeError::Unsupported(err.to_string())
+    }
+}
+
+/// runc's `checkpoint` flags.
+#[derive(Debug, Clone, Default)]
+pub struct CheckpointOptions {
+    /// Container id.
+    pub id: String,
+    /// Where the images go.
+    pub image_path: PathBuf,
+    /// Where CRIU's log and work files go.
+    pub work_path: Option<PathBuf>,
+    /// Images of a previous pre-dump (relative to the image path).
+    pub parent_path: Option<String>,
+    /// Keep the container running.
+    pub leave_running: bool,
+    /// Allow established TCP connections.
+    pub tcp_established: bool,
+    /// Allow external unix sockets.
+    pub ext_unix_sk: bool,
+    /// Allow a shell job.
+    pub shell_job: bool,
+    /// Handle file locks.
+    pub file_locks: bool,
+    /// Dump memory only, keep running (needs soft-dirty tracking).
+    pub pre_dump: bool,
+    /// ADDR:PORT of a CRIU page server.
+    pub page_server: Option<String>,
+    /// Leave memory for lazy restore.
+    pub lazy_pages: bool,
+    /// Descriptor CRIU signals readiness on (lazy pages).
+    pub status_fd: Option<i32>,
+    /// CRIU's cgroups mode.
+    pub manage_cgroups_mode: Option<String>,
+    /// Namespaces to dump empty (only "network" is supported, as in runc).
+    pub empty_ns: Vec<String>,
+    /// Deduplicate against parent images.
+    pub auto_dedup: bool,
+    /// The CRIU binary asked for (`--criu`).
+    pub criu: PathBuf,
+}
+
+/// runc's `restore` flags.
+#[derive(Debug, Clone, Default)]
+pub struct RestoreOptions {
+    /// Id of the restored container (may differ from the checkpointed one).
+    pub id: String,
+    /// Bundle of the restored container.
+    pub bundle: PathBuf,
+    /// Where the images are.
+    pub image_path: PathBuf,
+    /// Where CRIU's log and work files go.
+    pub work_path: Option<PathBuf>,
+    /// Where to write the restored init's pid.
+    pub pid_file: Option<PathBuf>,
+    /// Allow established TCP connections.
+    pub tcp_established: bool,
+    /// Allow external unix sockets.
+    pub ext_unix_sk: bool,
+    /// Allow a shell job.
+    pub shell_job: bool,
+    /// Handle file locks.
+    pub file_locks: bool,
+    /// CRIU's cgroups mode.
+    pub manage_cgroups_mode: Option<String>,
+    /// Restore with lazy pages.
+    pub lazy_pages: bool,
+    /// Namespaces restored empty.
+    pub empty_ns: Vec<String>,
+    /// Deduplicate images.
+    pub auto_dedup: bool,
+    /// The CRIU binary asked for (`--criu`).
+    pub criu: PathBuf,
+}
+
+/// Whether the spec mounts cgroupfs inside the container.
+fn mounts_cgroups(spec: &Spec) -> bool {
+    spec.mounts()
+        .iter()
+        .flatten()
+        .any(|m| m.typ().as_deref() == Some("cgroup"))
+}
+
+/// Mounts CRIU must treat as external, as (mount point, key) pairs: the
+/// spec's bind mounts and, on cgroup v1, every subsystem mount point.
+fn external_mounts(spec: &Spec) -> Vec<(String, String)> {
+    let mut ext = Vec::new();
+    for m in spec.mounts().iter().flatten() {
+        if libcontainer::rootfs::utils::is_bind(m) {
+            let dest = m.destination().to_string_lossy().into_owned();
+            ext.push((dest.clone(), dest));
+        }
+    }
+    if mounts_cgroups(spec) {
+        if let Ok(points) = libcgroups::v1::util::list_subsystem_mount_points() {
+            for p in points {
+                let p = p.to_string_lossy().into_owned();
+                if p.starts_with(libcgroups::common::DEFAULT_CGROUP_ROOT) {
+                    ext.push((p.clone(), p));
+                }
+            }
+        }
+    }
+    ext
+}
+
+/// Host paths for the external bind mounts on restore: key -> source.
+fn external_mount_sources(spec: &Spec) -> Vec<(String, String)> {
+    let mut ext = Vec::new();
+    for m in spec.mounts().iter().flatten() {
+        if libcontainer::rootfs::utils::is_bind(m) {
+            let dest = m.destination().to_string_lossy().into_owned();
+            let src = m
+                .source()
+                .as_ref()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| dest.clone());
+            ext.push((dest, src));
+        }
+    }
+    if mounts_cgroups(spec) {
+        ext.extend(
+            external_mounts(spec)
+                .into_iter()
+                .filter(|(k, _)| k.starts_with(libcgroups::common::DEFAULT_CGROUP_ROOT)),
+        );
+    }
+    ext
+}
+
+/// CRIU's short name and key of a namespace type.
+fn ns_key(typ: LinuxNamespaceType) -> (&'static str, &'static str) {
+    match typ {
+        LinuxNamespaceType::Network => ("net", "extRootNetNS"),
+        _ => ("pid", "extRootPidNS"),
+    }
+}
+
+/// Namespaces the spec joins by path (network and pid): they are external to CRIU.
+fn external_namespaces(spec: &Spec) -> Vec<(LinuxNamespaceType, PathBuf)> {
+    let mut out = Vec::new();
+    if let Some(nss) = spec.linux().as_ref().and_then(|l| l.namespaces().clone()) {
+        for ns in nss {
+            if matches!(
+                ns.typ(),
+                LinuxNamespaceType::Network | LinuxNamespaceType::Pid
+            ) {
+                if let Some(path) = ns.path() {
+                    out.push((ns.typ(), path.clone()));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Freezer cgroup directory of a container (cgroup v1).
+fn freezer_dir(container: &Container) -> Option<String> {
+    let config = container.spec().ok()?;
+    let rel = config
+        .cgroup_path
+        .to_string_lossy()
+        .trim_start_matches('/')
+        .to_string();
+    let dir = Path::new(libcgroups::common::DEFAULT_CGROUP_ROOT)
+        .join("freezer")
+        .join(rel);
+    dir.is_dir().then(|| dir.to_string_lossy().into_owned())
+}
+
+/// Parses "ADDR:PORT".
+fn parse_page_server(text: &str) -> Result<(String, i32)> {
+    let (addr, port) = text.rsplit_once(':').ok_or_else(|| {
+        RuntimeError::InvalidInput(format!(
+            "invalid --page-server {text:?}: expected ADDR:PORT"
+        ))
+    })?;
+    let port = port.parse().map_err(|_| {
+        RuntimeError::InvalidInput(format!("invalid --page-server port in {text:?}"))
+    })?;
+    Ok((addr.to_string(), port))
+}
+
+/// Parses `--empty-ns` values: only the network namespace can be left empty.
+fn empty_net_ns(values: &[String]) -> Result<bool> {
+    let mut net = false;
+    for v in values {
+        match v.as_str() {
+            "network" | "net" => net = true,
+            other => {
+                return Err(RuntimeError::InvalidInput(format!(
+                    "--empty-ns {other:?} is not supported: only network"
+                )))
+            }
+        }
+    }
+    Ok(net)
+}
+
+/// Parses an optional `--manage-cgroups-mode`.
+fn cgroups_mode(text: &Option<String>) -> Result<Option<CgroupsMode>> {
+    Ok(match text {
+        Some(t) => Some(CgroupsMode::parse(t)?),
+        None => None,
+    })
+}
+
+/// Finds CRIU (version 4 or newer) as asked.
+fn criu_binary(requested: &Path) -> Result<CriuBinary> {
+    Ok(migrun_criu::resolve(requested)?)
+}
+
+/// Checkpoints container `opts.id` into `opts.image_path`.
+///
+/// Without `--leave-running` the container is gone afterwards, as with runc.
+/// A failed checkpoint leaves the container running as it was.
+pub fn checkpoint(root: &StateRoot, opts: &CheckpointOptions) -> Result<()> {
+    let _span = tracing::info_span!("checkpoint", id = %opts.id).entered();
+    let mut container = root.load(&opts.id)?;
+    if !matches!(
+        container.status(),
+        ContainerStatus::Running | ContainerStatus::Paused
+    ) {
+        return Err(RuntimeError::WrongStatus {
+            id: opts.id.clone(),
+            status: status_name(container.status()).to_string(),
+            action: "checkpoint (only a running container can)",
+        });
+    }
+    let pid = container
+        .pid()
+        .ok_or_else(|| RuntimeError::InvalidInput(format!("container {} has no pid", opts.id)))?;
+    let bin = criu_binary(&opts.criu)?;
+    if opts.pre_dump {
+        bin.require_dirty_tracking()?;
+    }
+    migrun_criu::images::ensure_writable_dir(&opts.image_path)?;
+    let image_path = fs::canonicalize(&opts.image_path)
+        .ctx(|| format!("resolve {}", opts.image_path.display()))?;
+    let spec = load_bundle_spec(container.bundle())?;
+    if opts.pre_dump {
+        return pre_dump(&bin, pid, &image_path, opts);
+    }
+    migrun_criu::images::save_descriptors(&image_path, pid.as_raw())?;
+    let mut externals = Vec::new();
+    for (typ, path) in external_namespaces(&spec) {
+        let meta = fs::metadata(&path).ctx(|| format!("stat namespace {}", path.display()))?;
+        let (name, key) = ns_key(typ);
+        use std::os::unix::fs::MetadataExt;
+        externals.push(format!("{name}[{}]:{key}", meta.ino()));
+    }
+    let req = DumpRequest {
+        pid: pid.as_raw(),
+        image_dir: image_path.clone(),
+        work_dir: opts.work_path.clone(),
+        parent_path: opts.parent_path.clone(),
+        leave_running: opts.leave_running,
+        tcp_established: opts.tcp_established,
+        ext_unix_sk: opts.ext_unix_sk,
+        shell_job: opts.shell_job,
+        file_locks: opts.file_locks,
+        page_server: opts
+            .page_server
+            .as_deref()
+            .map(parse_page_server)
+            .transpose()?,
+        lazy_pages: opts.lazy_pages,
+        status_fd: opts.status_fd,
+        cgroups_mode: cgroups_mode(&opts.manage_cgroups_mode)?,
+        empty_net_ns: empty_net_ns(&opts.empty_ns)?,
+        auto_dedup: opts.auto_dedup,
+        root: root.meta(&opts.id).rootfs,
+        external_mounts: external_mounts(&spec),
+        externals,
+        freeze_cgroup: freezer_dir(&container),
+    };
+    migrun_criu::dump(&bin, &req)?;
+    if !opts.leave_running {
+        // The processes are gone; remove the container as runc does.
+        container
+            .refresh_status()
+            .ctx(|| "refresh status".to_string())?;
+        lifecycle::delete(root, &opts.id, true)?;
+    }
+    Ok(())
+}
+
+/// `checkpoint --pre-dump` on a kernel that has soft-dirty tracking.
+fn pre_dump(bin: &CriuBinary, pid: Pid, image_path: &Path, opts: &CheckpointOptions) -> Result<()> {
+    let mut cmd = std::process::Command::new(&bin.path);
+    cmd.args(["pre-dump", "--track-mem", "-v4", "-o", "pre-dump.log", "-t"])
+        .arg(pid.as_raw().to_string())
+        .arg("-D")
+        .arg(image_path);
+    if let Some(parent) = &opts.parent_path {
+        cmd.arg("--prev-images-dir").arg(parent);
+    }
+    if let Some(work) = &opts.work_path {
+        cmd.arg("-W").arg(work);
+    }
+    let out = cmd.output().ctx(|| format!("run {}", bin.path.display()))?;
+    if !out.status.success() {
+        let log = opts
+            .work_path
+            .as_deref()
+            .unwrap_or(image_path)
+            .join("pre-dump.log");
+        return Err(RuntimeError::Unsupported(format!(
+            "criu pre-dump failed: {} (log: {})",
+            migrun_criu::images::first_error_line(&log).unwrap_or_default(),
+            log.display()
+        )));
+    }
+    Ok(())
+}
+
+/// The calling process's cgroup memberships, to return to after a restore.
+struct CgroupReturn {
+    lines: String,
+}
+
+impl CgroupReturn {
+    /// Records where this process is now.
+    fn save() -> Self {
+        Self {
+            lines: fs::read_to_string("/proc/self/cgroup").unwrap_or_default(),
+        }
+    }
+
+    /// Moves this process back into every cgroup it was in.
+    fn restore(&self) {
+        let pid = std::process::id().to_string();
+        for line in self.lines.lines() {
+            let mut parts = line.splitn(3, ':');
+            let (Some(_), Some(controllers), Some(path)) =
+                (parts.next(), parts.next(), parts.next())
+            else {
+                continue;
+            };
+            let path = path.trim_start_matches('/');
+            let mounts: Vec<PathBuf> = if controllers.is_empty() {
+                vec![
+                    PathBuf::from("/sys/fs/cgroup/unified"),
+                    PathBuf::from("/sys/fs/cgroup"),
+                ]
+            } else {
+                controllers
+                    .split(',')
+                    .map(|c| PathBuf::from("/sys/fs/cgroup").join(c.trim_start_matches("name=")))
+                    .collect()
+            };
+            for mp in mounts {
+                let procs = mp.join(path).join("cgroup.procs");
+                if procs.exists() && fs::write(&procs, &pid).is_ok() {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Undoes a failed restore: rootfs bind mount, cgroup, state directory.
+fn abandon_restore(dir: &Path, criu_root: &Path, cgroup: Option<&dyn Fn()>) {
+    let _ = umount2(criu_root, MntFlags::MNT_DETACH);
+    if let Some(remove) = cgroup {
+        remove();
+    }
+    let _ = fs::remove_dir_all(dir);
+}
+
+/// Restores a container from CRIU images into a new container `opts.id`.
+pub fn restore(root: &StateRoot, opts: &RestoreOptions) -> Result<Container> {
+    let _span = tracing::info_span!("restore", id = %opts.id).entered();
+    crate::id::validate(&opts.id)?;
+    if root.container_dir(&opts.id).exists() {
+        return Err(RuntimeError::AlreadyExists(opts.id.clone()));
+    }
+    let bundle = fs::canonicalize(&opts.bundle).map_err(|e| RuntimeError::Bundle {
+        path: opts.bundle.clone(),
+        reason: e.to_string(),
+    })?;
+    let spec = load_bundle_spec(&bundle)?;
+    migrun_criu::images::check_image_dir(&opts.image_path)?;
+    let image_path = fs::canonicalize(&opts.image_path)
+        .ctx(|| format!("resolve {}", opts.image_path.display()))?;
+    let descriptors = migrun_criu::images::load_descriptors(&image_path)?;
+    let bin = criu_binary(&opts.criu)?;
+    let mode = cgroups_mode(&opts.manage_cgroups_mode)?;
+    let empty_net = empty_net_ns(&opts.empty_ns)?;
+
+    let dir = root.container_dir(&opts.id);
+    fs::create_dir_all(&dir).ctx(|| format!("create {}", dir.display()))?;
+    let config = YoukiConfig::from_spec(&spec, &opts.id)
+        .and_then(|c| c.save(&dir).map(|_| c))
+        .map_err(|e| RuntimeError::InvalidInput(format!("save config of {}: {e}", opts.id)));
+    let config = match config {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = fs::remove_dir_all(&dir);
+            return Err(e);
+        }
+    };
+
+    // CRIU mounts the root from a private bind mount of the rootfs (as runc does).
+    let rootfs = lifecycle::rootfs_of(&bundle, &spec);
+    let criu_root = dir.join("criu-root");
+    let bound = fs::create_dir_all(&criu_root)
+        .ctx(|| format!("create {}", criu_root.display()))
+        .and_then(|_| {
+            mount(
+                Some(&rootfs),
+                &criu_root,
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_REC,
+                None::<&str>,
+            )
+            .ctx(|| format!("bind mount {}", rootfs.display()))
+        });
+    if let Err(e) = bound {
+        abandon_restore(&dir, &criu_root, None);
+        return Err(e);
+    }
+
+    // The restored tree inherits CRIU's cgroups, and CRIU inherits ours: enter
+    // the container's new cgroup for the duration of the restore.
+    let manager = libcgroups::common::create_cgroup_manager(CgroupConfig {
+        cgroup_path: config.cgroup_path.clone(),
+        systemd_cgroup: root.systemd(),
+        container_name: opts.id.clone(),
+    })
+    .map_err(|e| RuntimeError::Cgroup {
+        context: format!("create cgroup of {}", opts.id),
+        reason: e.to_string(),
+    });
+    let manager = match manager {
+        Ok(m) => m,
+        Err(e) => {
+            abandon_restore(&dir, &criu_root, None);
+            return Err(e);
+        }
+    };
+    let remove_cgroup = || {
+        let _ = manager.remove();
+    };
+    let back = CgroupReturn::save();
+    let entered = manager
+        .add_task(nix::unistd::getpid())
+        .and_then(
+            |_| match spec.linux().as_ref().and_then(|l| l.resources().as_ref()) {
+                Some(resources) => manager.apply(&ControllerOpt {
+                    resources,
+                    disable_oom_killer: false,
+                    oom_score_adj: None,
+                    freezer_state: None,
+                }),
+                None => Ok(()),
+            },
+        )
+        .map_err(|e| RuntimeError::Cgroup {
+            context: format!("enter cgroup of {}", opts.id),
+            reason: e.to_string(),
+        });
+    if let Err(e) = entered {
+        back.restore();
+        abandon_restore(&dir, &criu_root, Some(&remove_cgroup));
+        return Err(e);
+    }
+
+    // Namespaces joined by path come back as the same namespaces.
+    let mut keep_open: Vec<OwnedFd> = Vec::new();
+    let mut inherit = Vec::new();
+    for (typ, path) in external_namespaces(&spec) {
+        match nix::fcntl::open(
+            &path,
+            nix::fcntl::OFlag::O_RDONLY,
+            nix::sys::stat::Mode::empty(),
+        ) {
+            Ok(fd) => {
+                // SAFETY: `open` returned a fresh descriptor that nothing else owns.
+                let owned = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+                inherit.push((owned.as_raw_fd(), ns_key(typ).1.to_string()));
+                keep_open.push(owned);
+            }
+            Err(e) => {
+                back.restore();
+                abandon_restore(&dir, &criu_root, Some(&remove_cgroup));
+                return Err(e).ctx(|| format!("open namespace {}", path.display()));
+            }
+        }
+    }
+    // The checkpointed stdio pipes become this process's stdio (as runc does).
+    for (fd, target) in descriptors.iter().enumerate() {
+        if target.contains("pipe:") {
+            inherit.push((fd as i32, target.clone()));
+        }
+    }
+    let req = RestoreRequest {
+        image_dir: image_path,
+        work_dir: opts.work_path.clone(),
+        root: criu_root.clone(),
+        external_mounts: external_mount_sources(&spec),
+        inherit_fds: inherit,
+        tcp_established: opts.tcp_established,
+        ext_unix_sk: opts.ext_unix_sk,
+        shell_job: opts.shell_job,
+        file_locks: opts.file_locks,
+        cgroups_mode: mode,
+        lazy_pages: opts.lazy_pages,
+        empty_net_ns: empty_net,
+        auto_dedup: opts.auto_dedup,
+        rst_sibling: true,
+    };
+    let restored = migrun_criu::restore(&bin, &req);
+    back.restore();
+    drop(keep_open);
+    let pid = match restored {
+        Ok(pid) => pid,
+        Err(e) => {
+            abandon_restore(&dir, &criu_root, Some(&remove_cgroup));
+            return Err(e.into());
+        }
+    };
+    let _ = umount2(&criu_root, MntFlags::MNT_DETACH);
+    let _ = fs::remove_dir(&criu_root);
+
+    let mut container =
+        Container::new(&opts.id, ContainerStatus::Running, Some(pid), &bundle, &dir)
+            .ctx(|| format!("record state of {}", opts.id))?;
+    container
+        .set_annotations(spec.annotations().clone())
+        .set_systemd(root.systemd())
+        .set_creator(nix::unistd::geteuid().as_raw());
+    container.state.created = Some(chrono::Utc::now());
+    container
+        .save()
+        .ctx(|| format!("save state of {}", opts.id))?;
+    root.save_meta(&opts.id, &ContainerMeta { rootfs })?;
+    if let Some(pid_file) = &opts.pid_file {
+        fs::write(pid_file, pid.to_string()).ctx(|| format!("write {}", pid_file.display()))?;
+    }
+    Ok(container)
+}
