@@ -1,20 +1,27 @@
 #!/usr/bin/env bash
 # Usage: hack/install-deps.sh [--crun]
-# Installs the Debian packages the project's tests need, and CRIU >= 4
-# (built from Debian trixie's 4.1.1 source into /usr/local/sbin/criu when the
-# installed one is older or fails `criu check`).
+# Installs the Debian packages the project's tests need, and CRIU >= 4.2
+# (built from Debian sid's 4.2.1 source into /usr/local/sbin/criu when the
+# installed one is older or fails `criu check`). 4.2 is the first CRIU that
+# dumps inet sockets on Linux >= 6.16 (SO_PASSCRED is AF_UNIX-only there);
+# 4.1.1 from trixie fails every --tcp-established dump on this kernel.
 #   --crun   also mount the cgroup v1 hugetlb hierarchy crun wants.
 # Idempotent; when everything is in place it only checks and exits quickly.
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-CRIU_VERSION=4.1.1
+CRIU_VERSION=4.2.1
 CRIU_MIN_MAJOR=4
+CRIU_MIN_MINOR=2
+# Debian suite whose source package carries CRIU_VERSION (deb-src only, pinned low).
+SRC_SUITE=sid
 CRIU_PREFIX_BIN=/usr/local/sbin/criu
 CRIU_WORK=/var/cache/migrun/criu-build
-TRIXIE_LIST=/etc/apt/sources.list.d/migrun-trixie-src.list
-TRIXIE_PIN=/etc/apt/preferences.d/migrun-trixie-src
+SRC_LIST=/etc/apt/sources.list.d/migrun-criu-src.list
+SRC_PIN=/etc/apt/preferences.d/migrun-criu-src
+# Left by earlier versions of this script (trixie's 4.1.1).
+OLD_SRC_FILES=(/etc/apt/sources.list.d/migrun-trixie-src.list /etc/apt/preferences.d/migrun-trixie-src)
 
 PACKAGES=(
     docker.io containerd runc crun busybox-static iproute2 hyperfine iptables
@@ -80,8 +87,17 @@ criu_ok() {
     local bin=$1 ver
     [[ -x $bin ]] || return 1
     ver="$(criu_version "$bin")"
-    [[ ${ver%%.*} =~ ^[0-9]+$ ]] && ((${ver%%.*} >= CRIU_MIN_MAJOR)) || return 1
+    criu_new_enough "$ver" || return 1
     "$bin" check >/dev/null 2>&1
+}
+
+# criu_new_enough VERSION: true when VERSION >= CRIU_MIN_MAJOR.CRIU_MIN_MINOR.
+criu_new_enough() {
+    local major minor rest
+    IFS=. read -r major minor rest <<<"$1"
+    [[ $major =~ ^[0-9]+$ ]] || return 1
+    [[ $minor =~ ^[0-9]+$ ]] || minor=0
+    ((major > CRIU_MIN_MAJOR || (major == CRIU_MIN_MAJOR && minor >= CRIU_MIN_MINOR)))
 }
 
 # The mirror this machine's apt uses for Debian itself (not -security etc).
@@ -109,19 +125,22 @@ debian_mirror() {
     } | grep -v -e security -e '^$' | head -n1
 }
 
-ensure_trixie_src() {
-    local mirror line pin
+ensure_criu_src() {
+    local mirror line pin f
     mirror="$(debian_mirror)"
     [[ -n $mirror ]] || die "no Debian mirror found in /etc/apt/sources.list{,.d/*}"
-    line="deb-src [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror trixie main"
-    pin=$'Explanation: migrun: trixie is here for CRIU sources only; never install from it.\nPackage: *\nPin: release n=trixie\nPin-Priority: 1'
-    if [[ ! -f $TRIXIE_LIST || $(cat "$TRIXIE_LIST") != "$line" ]]; then
-        log "adding $TRIXIE_LIST ($mirror)"
-        printf '%s\n' "$line" >"$TRIXIE_LIST"
+    line="deb-src [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror $SRC_SUITE main"
+    pin=$'Explanation: migrun: '"$SRC_SUITE"$' is here for CRIU sources only; never install from it.\nPackage: *\nPin: release n='"$SRC_SUITE"$'\nPin-Priority: 1'
+    for f in "${OLD_SRC_FILES[@]}"; do
+        [[ ! -e $f ]] || { rm -f "$f"; apt_updated=0; }
+    done
+    if [[ ! -f $SRC_LIST || $(cat "$SRC_LIST") != "$line" ]]; then
+        log "adding $SRC_LIST ($mirror $SRC_SUITE, sources only)"
+        printf '%s\n' "$line" >"$SRC_LIST"
         apt_updated=0
     fi
-    if [[ ! -f $TRIXIE_PIN || $(cat "$TRIXIE_PIN") != "$pin" ]]; then
-        printf '%s\n' "$pin" >"$TRIXIE_PIN"
+    if [[ ! -f $SRC_PIN || $(cat "$SRC_PIN") != "$pin" ]]; then
+        printf '%s\n' "$pin" >"$SRC_PIN"
     fi
 }
 
@@ -130,12 +149,12 @@ build_criu() {
     local src=$CRIU_WORK/criu-$CRIU_VERSION
     mkdir -p "$CRIU_WORK"
     if [[ ! -s $tarball ]]; then
-        ensure_trixie_src
+        ensure_criu_src
         apt_update
-        log "downloading criu source from trixie"
+        log "downloading criu $CRIU_VERSION source from $SRC_SUITE"
         # It fetches the .dsc and tarballs; later steps may fail (no dpkg-dev,
         # signature checks...): only the orig tarball matters.
-        (cd "$CRIU_WORK" && apt-get source -qq --download-only criu/trixie >&2) \
+        (cd "$CRIU_WORK" && apt-get source -qq --download-only "criu=$CRIU_VERSION-1" >&2) \
             || warn "apt-get source reported an error (checking for the tarball anyway)"
         [[ -s $tarball ]] || die "apt-get source did not fetch $tarball"
     fi
@@ -164,7 +183,7 @@ ensure_criu() {
     done
     if [[ -z ${CRIU_BIN:-} ]]; then
         ver="$(criu_version "$CRIU_PREFIX_BIN" || true)"
-        if [[ ${ver%%.*} =~ ^[0-9]+$ ]] && ((${ver%%.*} >= CRIU_MIN_MAJOR)); then
+        if criu_new_enough "$ver"; then
             # A rebuild would not change anything: say why check fails.
             "$CRIU_PREFIX_BIN" check >&2 || true
             die "$CRIU_PREFIX_BIN $ver is installed but 'criu check' fails (see above)"

@@ -43,10 +43,29 @@ impl Drop for Cleanup {
 
 #[test]
 fn run_rm_prints_and_propagates_exit_code() {
-    let out = docker(&["run", "--rm", "--runtime=migrun", "busybox:local", "echo", "hi"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = docker(&[
+        "run",
+        "--rm",
+        "--runtime=migrun",
+        "busybox:local",
+        "echo",
+        "hi",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "hi\n");
-    let out = docker(&["run", "--rm", "--runtime=migrun", "busybox:local", "sh", "-c", "exit 3"]);
+    let out = docker(&[
+        "run",
+        "--rm",
+        "--runtime=migrun",
+        "busybox:local",
+        "sh",
+        "-c",
+        "exit 3",
+    ]);
     assert_eq!(out.status.code(), Some(3));
 }
 
@@ -55,7 +74,17 @@ fn detached_container_exec_logs_top_pause_stop_rm() {
     let name = unique_id("docker-life");
     let _cleanup = Cleanup(name.clone());
     let script = "trap 'echo got-term; exit 0' TERM; i=0; while true; do i=$((i+1)); echo tick $i; sleep 0.1; done";
-    docker_ok(&["run", "-d", "--name", &name, "--runtime=migrun", "busybox:local", "sh", "-c", script]);
+    docker_ok(&[
+        "run",
+        "-d",
+        "--name",
+        &name,
+        "--runtime=migrun",
+        "busybox:local",
+        "sh",
+        "-c",
+        script,
+    ]);
     let inspect = docker_ok(&["inspect", "-f", "{{.HostConfig.Runtime}}", &name]);
     assert_eq!(inspect.trim(), "migrun");
 
@@ -65,7 +94,10 @@ fn detached_container_exec_logs_top_pause_stop_rm() {
             .filter(|l| l.starts_with("tick "))
             .count()
     };
-    assert!(wait_until(Duration::from_secs(10), || ticks() >= 3), "no ticks in docker logs");
+    assert!(
+        wait_until(Duration::from_secs(10), || ticks() >= 3),
+        "no ticks in docker logs"
+    );
 
     let out = docker(&["exec", &name, "sh", "-c", "echo exec-ok; exit 4"]);
     assert_eq!(out.status.code(), Some(4));
@@ -86,13 +118,21 @@ fn detached_container_exec_logs_top_pause_stop_rm() {
 
     let started = Instant::now();
     docker_ok(&["stop", "-t", "10", &name]);
-    assert!(started.elapsed() < Duration::from_secs(9), "stop waited for the timeout: SIGTERM not delivered");
+    assert!(
+        started.elapsed() < Duration::from_secs(9),
+        "stop waited for the timeout: SIGTERM not delivered"
+    );
     let logs = String::from_utf8_lossy(&docker(&["logs", &name]).stdout).into_owned();
-    assert!(logs.contains("got-term"), "container did not see SIGTERM: {logs}");
+    assert!(
+        logs.contains("got-term"),
+        "container did not see SIGTERM: {logs}"
+    );
     let code = docker_ok(&["inspect", "-f", "{{.State.ExitCode}}", &name]);
     assert_eq!(code.trim(), "0");
     docker_ok(&["rm", &name]);
-    assert!(!docker_ok(&["ps", "-a", "--format", "{{.Names}}"]).lines().any(|n| n == name));
+    assert!(!docker_ok(&["ps", "-a", "--format", "{{.Names}}"])
+        .lines()
+        .any(|n| n == name));
 }
 
 #[test]
@@ -101,9 +141,20 @@ fn run_interactive_through_a_pty() {
     let slave: OwnedFd = pty.slave;
     let mut child = Command::new("docker")
         .env("DOCKER_HOST", docker_host())
-        .args(["run", "-it", "--rm", "--runtime=migrun", "busybox:local", "sh"])
-        .stdin(Stdio::from(slave.as_fd().try_clone_to_owned().expect("dup")))
-        .stdout(Stdio::from(slave.as_fd().try_clone_to_owned().expect("dup")))
+        .args([
+            "run",
+            "-it",
+            "--rm",
+            "--runtime=migrun",
+            "busybox:local",
+            "sh",
+        ])
+        .stdin(Stdio::from(
+            slave.as_fd().try_clone_to_owned().expect("dup"),
+        ))
+        .stdout(Stdio::from(
+            slave.as_fd().try_clone_to_owned().expect("dup"),
+        ))
         .stderr(Stdio::from(slave))
         .spawn()
         .expect("spawn docker");
@@ -139,6 +190,56 @@ fn run_interactive_through_a_pty() {
     };
     let text = String::from_utf8_lossy(&reader.join().expect("reader")).into_owned();
     assert!(text.contains("typed-42"), "{text}");
-    assert!(text.contains("/dev/pts/"), "no terminal inside the container: {text}");
+    assert!(
+        text.contains("/dev/pts/"),
+        "no terminal inside the container: {text}"
+    );
     assert_eq!(status.code(), Some(2), "{text}");
+}
+
+#[test]
+fn docker_checkpoint_and_start_from_it() {
+    let name = unique_id("docker-cp");
+    let _cleanup = Cleanup(name.clone());
+    docker_ok(&[
+        "run",
+        "-d",
+        "--name",
+        &name,
+        "--runtime=migrun",
+        "busybox:local",
+        "sh",
+        "-c",
+        "i=0; while true; do i=$((i+1)); echo $i; sleep 0.1; done",
+    ]);
+    let numbers = || -> Vec<u64> {
+        String::from_utf8_lossy(&docker(&["logs", &name]).stdout)
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    };
+    assert!(wait_until(Duration::from_secs(10), || numbers().len() >= 5));
+    docker_ok(&["checkpoint", "create", &name, "cp1"]);
+    let state = docker_ok(&["inspect", "-f", "{{.State.Running}}", &name]);
+    assert_eq!(
+        state.trim(),
+        "false",
+        "checkpoint create did not stop the container"
+    );
+    let at_checkpoint = numbers().last().copied().unwrap_or(0);
+    docker_ok(&["start", "--checkpoint", "cp1", &name]);
+    assert!(wait_until(Duration::from_secs(10), || numbers()
+        .last()
+        .copied()
+        .unwrap_or(0)
+        > at_checkpoint + 3));
+    let all = numbers();
+    // One unbroken sequence 1, 2, 3, ...: the counter went on, it did not restart.
+    let expected: Vec<u64> = (1..=all.len() as u64).collect();
+    assert_eq!(
+        all, expected,
+        "counter did not continue across checkpoint/restore"
+    );
+    let out = docker(&["exec", &name, "echo", "exec-ok"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "exec-ok\n");
 }

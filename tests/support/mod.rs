@@ -326,3 +326,117 @@ pub fn memory_cgroup_of(pid: i32) -> Option<PathBuf> {
         .find_map(|l| l.strip_prefix("0::"))
         .map(|p| PathBuf::from(format!("/sys/fs/cgroup/unified{p}")))
 }
+
+/// Compiles `tests/programs/NAME.c` statically (once per run) and returns the binary.
+pub fn test_program(name: &str) -> PathBuf {
+    let out_dir = repo_root().join("target/test-programs");
+    let out = out_dir.join(name);
+    let src = repo_root().join(format!("tests/programs/{name}.c"));
+    let fresh = match (fs::metadata(&out), fs::metadata(&src)) {
+        (Ok(o), Ok(s)) => o.modified().ok() >= s.modified().ok(),
+        _ => false,
+    };
+    if !fresh {
+        fs::create_dir_all(&out_dir).expect("mkdir test-programs");
+        let tmp = out_dir.join(format!("{name}.{}", std::process::id()));
+        let status = Command::new("gcc")
+            .args(["-O2", "-static", "-o"])
+            .arg(&tmp)
+            .arg(&src)
+            .status()
+            .expect("run gcc");
+        assert!(status.success(), "gcc {name}.c failed");
+        fs::rename(&tmp, &out).expect("rename program");
+    }
+    out
+}
+
+impl Bundle {
+    /// Copies a static test program into the rootfs as `/NAME`.
+    pub fn install_program(&self, name: &str) {
+        let dest = self.rootfs().join(name);
+        fs::copy(test_program(name), &dest).expect("copy program");
+    }
+}
+
+impl Migrun {
+    /// Runs migrun with its stdio on /dev/null, so that a container it starts
+    /// can be checkpointed (CRIU cannot dump host files); errors are read
+    /// back from a `--log` file. Panics on failure.
+    pub fn ok_quiet(&self, args: &[&str]) {
+        let log = tempfile::NamedTempFile::new().expect("tmp");
+        let status = Command::new(migrun_bin())
+            .arg("--root")
+            .arg(self.root.path())
+            .arg("--log")
+            .arg(log.path())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("spawn migrun");
+        assert!(
+            status.success(),
+            "migrun {args:?} failed: {}",
+            fs::read_to_string(log.path()).unwrap_or_default()
+        );
+    }
+}
+
+/// Two network namespaces joined by a veth pair: `peer` (10.231.X.1) and
+/// `ctr` (10.231.X.2). The addresses exist only inside these namespaces.
+pub struct NetPair {
+    /// Name of the peer namespace.
+    pub peer: String,
+    /// Name of the container namespace.
+    pub ctr: String,
+    /// Address of the peer.
+    pub peer_ip: String,
+}
+
+impl NetPair {
+    /// Creates the pair; `n` (0..=255) makes names and addresses unique.
+    pub fn new(n: u8) -> Self {
+        let tag = format!("{}-{n}", std::process::id());
+        let peer = format!("mrt-p{tag}");
+        let ctr = format!("mrt-c{tag}");
+        let (vp, vc) = (
+            format!("mrp{n}x{}", std::process::id() % 10000),
+            format!("mrc{n}x{}", std::process::id() % 10000),
+        );
+        let subnet = format!("10.231.{n}");
+        let sh = |cmd: String| {
+            let st = Command::new("sh").arg("-c").arg(&cmd).status().expect("sh");
+            assert!(st.success(), "{cmd}");
+        };
+        sh(format!("ip netns add {peer} && ip netns add {ctr}"));
+        sh(format!("ip link add {vp} type veth peer name {vc}"));
+        sh(format!(
+            "ip link set {vp} netns {peer} && ip link set {vc} netns {ctr}"
+        ));
+        sh(format!("ip -n {peer} addr add {subnet}.1/24 dev {vp} && ip -n {peer} link set {vp} up && ip -n {peer} link set lo up"));
+        sh(format!("ip -n {ctr} addr add {subnet}.2/24 dev {vc} && ip -n {ctr} link set {vc} up && ip -n {ctr} link set lo up"));
+        Self {
+            peer,
+            ctr,
+            peer_ip: format!("{subnet}.1"),
+        }
+    }
+
+    /// Path of the container namespace, for config.json.
+    pub fn ctr_path(&self) -> String {
+        format!("/var/run/netns/{}", self.ctr)
+    }
+}
+
+impl Drop for NetPair {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.peer])
+            .status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.ctr])
+            .status();
+    }
+}
