@@ -84,10 +84,13 @@ fn run_true_exits_at_once() {
 }
 
 #[test]
-fn run_foreground_runs_from_sealed_memfd() {
+fn runtime_binary_cannot_be_overwritten_through_proc_exe() {
+    // CVE-2019-5736: grab /proc/PID/exe of the runtime while it runs, then
+    // reopen it for writing once the runtime has exited.
+    use std::os::unix::fs::OpenOptionsExt;
     let m = Migrun::new();
     let b = Bundle::new(&["sleep", "5"]);
-    let id = unique_id("sealed");
+    let id = unique_id("cve");
     let mut child = m
         .command()
         .args(["run", "-b", b.path().to_str().expect("utf8"), &id])
@@ -97,14 +100,22 @@ fn run_foreground_runs_from_sealed_memfd() {
     assert!(wait_until(Duration::from_secs(5), || {
         m.root().join(&id).join("state.json").exists() && m.status(&id) == "running"
     }));
-    let exe = fs::read_link(format!("/proc/{pid}/exe")).expect("readlink exe");
+    let handle = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH)
+        .open(format!("/proc/{pid}/exe"))
+        .expect("open O_PATH");
     m.ok(&["kill", &id, "KILL"]);
     let status = child.wait().expect("wait");
-    assert!(
-        exe.to_string_lossy().contains("memfd:migrun"),
-        "migrun runs from {exe:?}, not a sealed memfd"
-    );
     assert_eq!(status.code(), Some(128 + 9));
+    use std::os::fd::AsRawFd;
+    let reopened = fs::OpenOptions::new()
+        .write(true)
+        .open(format!("/proc/self/fd/{}", handle.as_raw_fd()));
+    assert!(
+        reopened.is_err(),
+        "the runtime binary could be reopened for writing after the runtime exited"
+    );
 }
 
 #[test]

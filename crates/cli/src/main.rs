@@ -74,6 +74,12 @@ fn log_usage_error(args: &[OsString], msg: &str) {
 }
 
 fn main() {
+    // Like runc and every C tool: a closed pipe on stdout ends the program
+    // quietly (`migrun events | head`), instead of a panic.
+    // SAFETY: setting a signal disposition to SIG_DFL has no preconditions.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let args = normalize_args(std::env::args_os().collect());
     let cli = match Cli::try_parse_from(&args) {
         Ok(cli) => cli,
@@ -96,13 +102,16 @@ fn main() {
             std::process::exit(1);
         }
     };
-    // Commands that enter a container run from a sealed copy (CVE-2019-5736).
+    // Commands that enter a container run from a write-protected copy of
+    // this binary (CVE-2019-5736).
     if matches!(
         cli.command,
         Command::Create(_) | Command::Run { .. } | Command::Exec(_)
     ) {
-        if let Err(err) = migrun_runtime::sealed_exe::ensure_sealed() {
-            tracing::warn!("running unsealed: {err}");
+        if let Err(err) = migrun_runtime::sealed_exe::ensure_protected(&cli.global.root) {
+            log.write(&tracing::Level::ERROR, &format!("{err}"));
+            eprintln!("migrun: {err}");
+            std::process::exit(1);
         }
     }
     match commands::dispatch(cli) {
