@@ -26,7 +26,7 @@ OLD_SRC_FILES=(/etc/apt/sources.list.d/migrun-trixie-src.list /etc/apt/preferenc
 PACKAGES=(
     docker.io containerd runc crun busybox-static iproute2 hyperfine iptables
     libseccomp-dev pkg-config jq util-linux procps psmisc python3
-    file kmod tar xz-utils ca-certificates time
+    file kmod tar xz-utils ca-certificates time gcc libc6-dev
 )
 CRIU_BUILD_DEPS=(
     build-essential make gcc libc6-dev

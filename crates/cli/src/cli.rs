@@ -211,6 +211,56 @@ pub enum Command {
     Checkpoint(CheckpointArgs),
     /// Restore a container from a previous checkpoint
     Restore(RestoreArgs),
+    /// Write a fresh shared secret for a pair of migration hosts
+    Keygen {
+        /// Where to write the key (mode 0600; never overwritten)
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Receive live-migrated containers (the target side)
+    MigrateIn {
+        /// ADDR:PORT to listen on
+        #[arg(long)]
+        listen: String,
+        /// Shared key file (from `migrun keygen`)
+        #[arg(long)]
+        key: PathBuf,
+        /// Exit after one migration, with its status
+        #[arg(long)]
+        once: bool,
+        /// Where incoming bundles and images go
+        #[arg(long, default_value = "/run/migrun-in")]
+        work_dir: PathBuf,
+    },
+    /// Live-migrate a running container to a target host (the source side)
+    MigrateOut {
+        /// The container id
+        id: String,
+        /// HOST:PORT of the target's migrate-in
+        #[arg(long)]
+        to: String,
+        /// Shared key file (from `migrun keygen`)
+        #[arg(long)]
+        key: PathBuf,
+        /// Most pre-copy rounds
+        #[arg(long, default_value_t = 10)]
+        max_rounds: u32,
+        /// Downtime to aim for, in milliseconds
+        #[arg(long, default_value_t = 300)]
+        max_downtime: u64,
+        /// Cap on what migrun sends, in Mbit/s
+        #[arg(long)]
+        bandwidth: Option<u64>,
+        /// Stop-and-copy: freeze, dump, send everything, restore
+        #[arg(long)]
+        no_precopy: bool,
+        /// Write the migration's figures as JSON to this file
+        #[arg(long)]
+        stats_json: Option<PathBuf>,
+        /// Where CRIU's images of the frozen state go
+        #[arg(long, default_value = "/run/migrun-out")]
+        work_dir: PathBuf,
+    },
 }
 
 /// Flags shared by `checkpoint` and `restore` (runc's names).

@@ -5,12 +5,52 @@
 //! written in the meantime until the remainder is small enough to stop the
 //! container, send the rest and restore it on the other side.
 //!
-//! This crate is built in layers:
-//!
-//! - [`dirty`]: dirty-page tracking, i.e. which pages of a process were
-//!   written since the previous round. Three backends with one interface
-//!   ([`dirty::DirtyTracker`]): soft-dirty bits, userfaultfd write
-//!   protection read back with `PAGEMAP_SCAN`, and page hashing as a last
-//!   resort; [`dirty::open_best`] picks the best one the kernel offers.
+//! Layers:
+//! - [`dirty`]: which pages of a process were written since the previous
+//!   round (soft-dirty, userfaultfd write protection with `PAGEMAP_SCAN`,
+//!   or page hashing), behind [`dirty::DirtyTracker`];
+//! - [`memory`]: reading a live process's pages on the source;
+//! - [`rootfs`]: syncing the container's root filesystem in rounds;
+//! - [`store`] and [`images`]: the target's page store, and completing
+//!   CRIU's lazy images from it so no memory is copied in the downtime;
+//! - [`source`] and [`target`]: the two ends of one migration over
+//!   `migrun-wire`, with rollback on any failure;
+//! - [`stats`]: the figures of a migration.
 
 pub mod dirty;
+pub mod images;
+pub mod memory;
+pub mod rootfs;
+pub mod source;
+pub mod stats;
+pub mod store;
+pub mod target;
+
+/// Errors of a migration, one line each.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    /// Something on the source side failed.
+    #[error("{0}")]
+    Source(String),
+    /// Something on the target side failed.
+    #[error("{0}")]
+    Target(String),
+    /// The peer reported a failure.
+    #[error("target failed: {0}")]
+    Peer(String),
+    /// The peer broke the protocol.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// CRIU image handling failed.
+    #[error("criu images: {0}")]
+    Images(String),
+    /// The connection failed.
+    #[error("{0}")]
+    Wire(#[from] migrun_wire::WireError),
+    /// The runtime failed.
+    #[error("{0}")]
+    Runtime(#[from] migrun_runtime::RuntimeError),
+}
+
+/// Result type of the engine.
+pub type Result<T> = std::result::Result<T, MigrateError>;

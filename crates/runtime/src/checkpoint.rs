@@ -234,7 +234,7 @@ fn cgroups_mode(text: &Option<String>) -> Result<Option<CgroupsMode>> {
 }
 
 /// Finds CRIU (version 4 or newer) as asked.
-fn criu_binary(requested: &Path) -> Result<CriuBinary> {
+pub fn criu_binary(requested: &Path) -> Result<CriuBinary> {
     Ok(migrun_criu::resolve(requested)?)
 }
 
@@ -269,17 +269,41 @@ pub fn checkpoint(root: &StateRoot, opts: &CheckpointOptions) -> Result<()> {
     if opts.pre_dump {
         return pre_dump(&bin, pid, &image_path, opts);
     }
-    migrun_criu::images::save_descriptors(&image_path, pid.as_raw())?;
+    let req = dump_request(root, &container, &spec, &image_path, opts)?;
+    migrun_criu::dump(&bin, &req)?;
+    if !opts.leave_running {
+        // The processes are gone; remove the container as runc does.
+        container
+            .refresh_status()
+            .ctx(|| "refresh status".to_string())?;
+        lifecycle::delete(root, &opts.id, true)?;
+    }
+    Ok(())
+}
+
+/// The CRIU dump request for `container` with runc's `checkpoint` options;
+/// also records the container's stdio in the image directory.
+pub fn dump_request(
+    root: &StateRoot,
+    container: &Container,
+    spec: &Spec,
+    image_path: &Path,
+    opts: &CheckpointOptions,
+) -> Result<DumpRequest> {
+    let pid = container.pid().ok_or_else(|| {
+        RuntimeError::InvalidInput(format!("container {} has no pid", container.id()))
+    })?;
+    migrun_criu::images::save_descriptors(image_path, pid.as_raw())?;
     let mut externals = Vec::new();
-    for (typ, path) in external_namespaces(&spec) {
+    for (typ, path) in external_namespaces(spec) {
         let meta = fs::metadata(&path).ctx(|| format!("stat namespace {}", path.display()))?;
         let (name, key) = ns_key(typ);
         use std::os::unix::fs::MetadataExt;
         externals.push(format!("{name}[{}]:{key}", meta.ino()));
     }
-    let req = DumpRequest {
+    Ok(DumpRequest {
         pid: pid.as_raw(),
-        image_dir: image_path.clone(),
+        image_dir: image_path.to_path_buf(),
         work_dir: opts.work_path.clone(),
         parent_path: opts.parent_path.clone(),
         leave_running: opts.leave_running,
@@ -297,20 +321,11 @@ pub fn checkpoint(root: &StateRoot, opts: &CheckpointOptions) -> Result<()> {
         cgroups_mode: cgroups_mode(&opts.manage_cgroups_mode)?,
         empty_net_ns: empty_net_ns(&opts.empty_ns)?,
         auto_dedup: opts.auto_dedup,
-        root: root.meta(&opts.id).rootfs,
-        external_mounts: external_mounts(&spec),
+        root: root.meta(container.id()).rootfs,
+        external_mounts: external_mounts(spec),
         externals,
-        freeze_cgroup: freezer_dir(&container),
-    };
-    migrun_criu::dump(&bin, &req)?;
-    if !opts.leave_running {
-        // The processes are gone; remove the container as runc does.
-        container
-            .refresh_status()
-            .ctx(|| "refresh status".to_string())?;
-        lifecycle::delete(root, &opts.id, true)?;
-    }
-    Ok(())
+        freeze_cgroup: freezer_dir(container),
+    })
 }
 
 /// `checkpoint --pre-dump` on a kernel that has soft-dirty tracking.

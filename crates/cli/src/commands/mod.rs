@@ -5,6 +5,7 @@ mod create;
 mod exec;
 mod info;
 mod lifecycle;
+mod migrate;
 mod ps;
 mod update;
 
@@ -54,5 +55,46 @@ pub fn dispatch(cli: Cli) -> Result<i32> {
         Command::Features => info::features(),
         Command::Checkpoint(args) => checkpoint::checkpoint(&root, &args, &criu),
         Command::Restore(args) => checkpoint::restore(&root, &args, &criu),
+        Command::Keygen { out } => migrate::keygen(&out),
+        Command::MigrateIn {
+            listen,
+            key,
+            once,
+            work_dir,
+        } => migrate::migrate_in(
+            &root,
+            migrun_migrate::target::InOptions {
+                listen,
+                key,
+                once,
+                work_dir,
+                criu,
+            },
+        ),
+        Command::MigrateOut {
+            id,
+            to,
+            key,
+            max_rounds,
+            max_downtime,
+            bandwidth,
+            no_precopy,
+            stats_json,
+            work_dir,
+        } => migrate::migrate_out(
+            &root,
+            migrun_migrate::source::OutOptions {
+                id,
+                to,
+                key,
+                max_rounds,
+                max_downtime_ms: max_downtime,
+                bandwidth_mbit: bandwidth,
+                no_precopy,
+                criu,
+                work_dir,
+            },
+            stats_json.as_deref(),
+        ),
     }
 }

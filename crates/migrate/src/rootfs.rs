@@ -1,0 +1,264 @@
+//! Syncing a container's root filesystem (a plain directory) in rounds.
+//!
+//! The source snapshots the tree (kind, mode, owner, size, mtime, inode per
+//! path); round 0 sends every regular file's content, later rounds only the
+//! files whose snapshot changed, and each round ends with a manifest of the
+//! whole tree, from which the target creates directories and links, sets
+//! metadata, and removes what the source no longer has.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{MigrateError, Result};
+
+/// Name under which the manifest travels (never a real file of the tree).
+pub const MANIFEST: &str = "\u{0}migrun-manifest";
+
+/// Kinds of tree entries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Kind {
+    /// A directory.
+    Dir,
+    /// A regular file.
+    File,
+    /// A symbolic link with its target.
+    Symlink(String),
+}
+
+/// What the source knows of one path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// Kind.
+    pub kind: Kind,
+    /// Permission bits.
+    pub mode: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Size in bytes.
+    pub size: u64,
+    /// Modification time (seconds, nanoseconds).
+    pub mtime: (i64, i64),
+    /// Inode (changes when a file is replaced).
+    pub ino: u64,
+}
+
+/// The tree by relative path.
+pub type Snapshot = BTreeMap<String, Entry>;
+
+/// Snapshots the tree at `root` (device nodes, sockets and fifos are left
+/// out: the container's /dev is a tmpfs CRIU restores itself).
+pub fn snapshot(root: &Path) -> Result<Snapshot> {
+    let mut out = Snapshot::new();
+    let mut stack = vec![String::new()];
+    while let Some(rel) = stack.pop() {
+        let dir = root.join(&rel);
+        let entries = fs::read_dir(&dir)
+            .map_err(|e| MigrateError::Source(format!("read {}: {e}", dir.display())))?;
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let path = if rel.is_empty() {
+                name
+            } else {
+                format!("{rel}/{name}")
+            };
+            let Ok(meta) = fs::symlink_metadata(entry.path()) else {
+                continue;
+            };
+            let ft = meta.file_type();
+            let kind = if ft.is_dir() {
+                stack.push(path.clone());
+                Kind::Dir
+            } else if ft.is_file() {
+                Kind::File
+            } else if ft.is_symlink() {
+                Kind::Symlink(
+                    fs::read_link(entry.path())
+                        .map(|t| t.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                )
+            } else {
+                continue;
+            };
+            out.insert(
+                path,
+                Entry {
+                    kind,
+                    mode: meta.mode() & 0o7777,
+                    uid: meta.uid(),
+                    gid: meta.gid(),
+                    size: meta.size(),
+                    mtime: (meta.mtime(), meta.mtime_nsec()),
+                    ino: meta.ino(),
+                },
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// Regular files of `now` that are new or changed since `before`.
+pub fn changed_files<'a>(before: &Snapshot, now: &'a Snapshot) -> Vec<&'a str> {
+    now.iter()
+        .filter(|(_, e)| e.kind == Kind::File)
+        .filter(|(p, e)| before.get(*p) != Some(*e))
+        .map(|(p, _)| p.as_str())
+        .collect()
+}
+
+/// Makes sure `rel` stays inside the tree.
+fn safe_rel(rel: &str) -> Result<&str> {
+    if rel.is_empty() || rel.starts_with('/') || rel.split('/').any(|c| c == ".." || c.is_empty()) {
+        return Err(MigrateError::Protocol(format!(
+            "unsafe path {rel:?} from the source"
+        )));
+    }
+    Ok(rel)
+}
+
+/// Writes a chunk of file `rel` under `root` (the target side).
+pub fn write_chunk(root: &Path, rel: &str, offset: u64, data: &[u8]) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let path = root.join(safe_rel(rel)?);
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent)
+            .map_err(|e| MigrateError::Target(format!("create {}: {e}", parent.display())))?;
+    }
+    if offset == 0 {
+        // A replaced file starts afresh (and a symlink in the way goes).
+        let _ = fs::remove_file(&path);
+    }
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| MigrateError::Target(format!("open {}: {e}", path.display())))?;
+    file.write_all_at(data, offset)
+        .map_err(|e| MigrateError::Target(format!("write {}: {e}", path.display())))
+}
+
+/// Sets a finished file's size (the target side).
+pub fn finish_file(root: &Path, rel: &str, size: u64) -> Result<()> {
+    let path = root.join(safe_rel(rel)?);
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| MigrateError::Target(format!("open {}: {e}", path.display())))?;
+    file.set_len(size)
+        .map_err(|e| MigrateError::Target(format!("truncate {}: {e}", path.display())))
+}
+
+/// Applies a manifest to the tree at `root`: creates directories and links,
+/// sets metadata, removes what is not listed.
+pub fn apply_manifest(root: &Path, manifest: &Snapshot) -> Result<()> {
+    let err = |what: String, e: std::io::Error| MigrateError::Target(format!("{what}: {e}"));
+    fs::create_dir_all(root).map_err(|e| err(format!("create {}", root.display()), e))?;
+    // Directories first (sorted order puts parents before children).
+    for (rel, e) in manifest {
+        let path = root.join(safe_rel(rel)?);
+        match &e.kind {
+            Kind::Dir => {
+                if fs::symlink_metadata(&path)
+                    .map(|m| !m.is_dir())
+                    .unwrap_or(false)
+                {
+                    let _ = fs::remove_file(&path);
+                }
+                fs::create_dir_all(&path)
+                    .map_err(|x| err(format!("create {}", path.display()), x))?;
+            }
+            Kind::Symlink(target) => {
+                let current = fs::read_link(&path).ok();
+                if current.as_deref().map(|c| c.to_string_lossy().into_owned())
+                    != Some(target.clone())
+                {
+                    let _ = fs::remove_file(&path);
+                    let _ = fs::remove_dir_all(&path);
+                    std::os::unix::fs::symlink(target, &path)
+                        .map_err(|x| err(format!("link {}", path.display()), x))?;
+                }
+            }
+            Kind::File => {}
+        }
+    }
+    // Removals: whatever the target has that the source no longer does.
+    let have = snapshot(root).map_err(|e| MigrateError::Target(e.to_string()))?;
+    for rel in have.keys().rev() {
+        if !manifest.contains_key(rel) {
+            let path = root.join(rel);
+            let _ = fs::remove_file(&path).or_else(|_| fs::remove_dir_all(&path));
+        }
+    }
+    // Metadata, children before parents so directory mtimes stick.
+    for (rel, e) in manifest.iter().rev() {
+        let path = root.join(rel);
+        let _ = nix::unistd::fchownat(
+            None,
+            &path,
+            Some(nix::unistd::Uid::from_raw(e.uid)),
+            Some(nix::unistd::Gid::from_raw(e.gid)),
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        );
+        if !matches!(e.kind, Kind::Symlink(_)) {
+            let _ = fs::set_permissions(&path, fs::Permissions::from_mode(e.mode));
+        }
+        let ts = nix::sys::time::TimeSpec::new(e.mtime.0, e.mtime.1);
+        let _ = nix::sys::stat::utimensat(
+            None,
+            &path,
+            &ts,
+            &ts,
+            nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tree_round_trip_with_changes_and_removals() {
+        let src = tempfile::tempdir().expect("tmp");
+        let dst = tempfile::tempdir().expect("tmp");
+        fs::create_dir_all(src.path().join("a/b")).expect("mkdir");
+        fs::write(src.path().join("a/b/f"), "one").expect("w");
+        fs::write(src.path().join("gone"), "x").expect("w");
+        std::os::unix::fs::symlink("a/b/f", src.path().join("link")).expect("ln");
+        let copy = |snap: &Snapshot, files: Vec<&str>| {
+            for f in files {
+                let data = fs::read(src.path().join(f)).expect("r");
+                write_chunk(dst.path(), f, 0, &data).expect("chunk");
+                finish_file(dst.path(), f, data.len() as u64).expect("finish");
+            }
+            apply_manifest(dst.path(), snap).expect("apply");
+        };
+        let s0 = snapshot(src.path()).expect("snap");
+        copy(&s0, changed_files(&Snapshot::new(), &s0));
+        assert_eq!(
+            fs::read_to_string(dst.path().join("link")).expect("r"),
+            "one"
+        );
+        fs::write(src.path().join("a/b/f"), "two!").expect("w");
+        fs::remove_file(src.path().join("gone")).expect("rm");
+        let s1 = snapshot(src.path()).expect("snap");
+        let changed = changed_files(&s0, &s1);
+        assert_eq!(changed, vec!["a/b/f"]);
+        copy(&s1, changed);
+        assert_eq!(
+            fs::read_to_string(dst.path().join("a/b/f")).expect("r"),
+            "two!"
+        );
+        assert!(!dst.path().join("gone").exists());
+        assert!(write_chunk(dst.path(), "../escape", 0, b"x").is_err());
+    }
+}

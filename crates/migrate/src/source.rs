@@ -1,0 +1,691 @@
+//! The source end: `migrun migrate-out`.
+//!
+//! Pre-copy rounds while the container runs, then a short freeze: the last
+//! dirty pages, the root filesystem's last changes, and CRIU's process state
+//! dumped with `--lazy-pages` (CRIU copies no memory: the target already has
+//! it). The source keeps the container, frozen, until the target says it
+//! runs; any failure before that thaws it exactly as it was.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Read;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use migrun_runtime::checkpoint::{self, CheckpointOptions};
+use migrun_runtime::lifecycle::{self, container_pids, load_bundle_spec};
+use migrun_runtime::StateRoot;
+use migrun_wire::{Channel, MemoryTotals, Message};
+
+use crate::dirty::{self, DirtyTracker};
+use crate::memory::{self, MemReader, Proc, PAGE};
+use crate::rootfs::{self, Snapshot, MANIFEST};
+use crate::stats::{MigrationStats, RoundFigures};
+use crate::{MigrateError, Result};
+
+/// Options of `migrate-out`.
+#[derive(Debug, Clone)]
+pub struct OutOptions {
+    /// Container id.
+    pub id: String,
+    /// Target address.
+    pub to: String,
+    /// Shared key file.
+    pub key: PathBuf,
+    /// Most pre-copy rounds.
+    pub max_rounds: u32,
+    /// Downtime to aim for, in milliseconds.
+    pub max_downtime_ms: u64,
+    /// Bandwidth cap in Mbit/s.
+    pub bandwidth_mbit: Option<u64>,
+    /// Stop-and-copy instead of pre-copy.
+    pub no_precopy: bool,
+    /// The CRIU binary asked for.
+    pub criu: PathBuf,
+    /// Where CRIU's images of the frozen state go (a tmpfs is best).
+    pub work_dir: PathBuf,
+}
+
+/// Pages per message.
+const RUN_PAGES: usize = 256;
+/// Bytes per file chunk.
+const FILE_CHUNK: usize = 4 << 20;
+
+/// Progress of one migration on the source.
+struct Source<'a> {
+    root: &'a StateRoot,
+    opts: &'a OutOptions,
+    ch: Channel,
+    trackers: HashMap<i32, (Proc, Option<Box<dyn DirtyTracker>>)>,
+    stats: MigrationStats,
+    buf: Vec<u8>,
+    rootfs: PathBuf,
+    snapshot: Snapshot,
+}
+
+/// Prints one progress line on stderr.
+fn progress(r: &RoundFigures, estimate_ms: f64) {
+    eprintln!(
+        "round {:>2}{}: sent {} pages ({} zero), dirtied {} pages, {:.0} pages/s dirty rate, {:.0} Mbit/s, est. downtime {:.0} ms",
+        r.round,
+        if r.frozen { " (frozen)" } else { "" },
+        r.pages_sent,
+        r.pages_zero,
+        r.pages_dirtied,
+        r.dirty_rate_pages_per_s,
+        r.bandwidth_mbit,
+        estimate_ms
+    );
+}
+
+impl Source<'_> {
+    /// The container's processes (thread-group leaders), with their container pids.
+    fn processes(&self) -> Result<Vec<Proc>> {
+        let container = self.root.load(&self.opts.id)?;
+        let mut out = Vec::new();
+        for pid in container_pids(&container)? {
+            let host = pid.as_raw();
+            // Only thread-group leaders: threads share their leader's memory.
+            let tgid = fs::read_to_string(format!("/proc/{host}/status"))
+                .ok()
+                .and_then(|s| {
+                    s.lines()
+                        .find_map(|l| l.strip_prefix("Tgid:"))
+                        .and_then(|v| v.trim().parse::<i32>().ok())
+                });
+            if tgid != Some(host) {
+                continue;
+            }
+            out.push(Proc {
+                host,
+                ns: memory::ns_pid(host)?,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Sends `pages` (sorted addresses) of `proc`; returns (data pages, zero pages).
+    async fn send_pages(&mut self, proc: Proc, pages: &[u64]) -> Result<(u64, u64)> {
+        let reader = match MemReader::open(proc.host) {
+            Ok(r) => r,
+            Err(_) => return Ok((0, 0)), // the process is gone
+        };
+        let (mut data, mut zero) = (0, 0);
+        for (addr, n) in memory::runs(pages, RUN_PAGES) {
+            let mut buf = std::mem::take(&mut self.buf);
+            if let Some(bytes) = reader.read(addr, n, &mut buf) {
+                let s = self.ch.send_pages(proc.ns, addr, bytes).await?;
+                data += s.data_pages as u64;
+                zero += s.zero_pages as u64;
+            } else {
+                // Part of the run is unmapped now: page by page.
+                for i in 0..n as u64 {
+                    let a = addr + i * PAGE;
+                    if let Some(bytes) = reader.read(a, 1, &mut buf) {
+                        let s = self.ch.send_pages(proc.ns, a, bytes).await?;
+                        data += s.data_pages as u64;
+                        zero += s.zero_pages as u64;
+                    }
+                }
+            }
+            self.buf = buf;
+        }
+        Ok((data, zero))
+    }
+
+    /// Sends every populated page of processes not seen before. With
+    /// `track` (the container runs) their trackers start first, so no write
+    /// is lost; frozen processes need none (and could not be injected into).
+    async fn pick_up_new_processes(&mut self, track: bool) -> Result<(u64, u64)> {
+        let (mut data, mut zero) = (0, 0);
+        let live = self.processes()?;
+        // Forget processes that exited.
+        self.trackers
+            .retain(|host, _| live.iter().any(|p| p.host == *host));
+        for proc in live {
+            if self.trackers.contains_key(&proc.host) {
+                continue;
+            }
+            let tracker = if track {
+                let mut t = dirty::open_best(proc.host).map_err(|e| {
+                    MigrateError::Source(format!("dirty tracking of process {}: {e}", proc.host))
+                })?;
+                t.start().map_err(|e| {
+                    MigrateError::Source(format!("start dirty tracking of {}: {e}", proc.host))
+                })?;
+                self.stats.dirty_tracking = t.name().to_string();
+                Some(t)
+            } else {
+                None
+            };
+            let pages = memory::populated_pages(proc.host)?;
+            self.trackers.insert(proc.host, (proc, tracker));
+            let (d, z) = self.send_pages(proc, &pages).await?;
+            data += d;
+            zero += z;
+        }
+        Ok((data, zero))
+    }
+
+    /// Collects and sends the dirty pages of every tracked process.
+    async fn send_dirty(&mut self) -> Result<(u64, u64, u64)> {
+        let mut sets = Vec::new();
+        for (host, (proc, tracker)) in self.trackers.iter_mut() {
+            let Some(tracker) = tracker else { continue };
+            match tracker.collect() {
+                Ok(set) => sets.push((*proc, set.pages().collect::<Vec<u64>>())),
+                Err(e) => {
+                    if Path::new(&format!("/proc/{host}")).exists() {
+                        return Err(MigrateError::Source(format!(
+                            "collect dirty pages of {host}: {e}"
+                        )));
+                    }
+                }
+            }
+        }
+        let (mut dirtied, mut data, mut zero) = (0, 0, 0);
+        for (proc, pages) in sets {
+            dirtied += pages.len() as u64;
+            let (d, z) = self.send_pages(proc, &pages).await?;
+            data += d;
+            zero += z;
+        }
+        Ok((dirtied, data, zero))
+    }
+
+    /// Sends the files of the root filesystem changed since the last snapshot, then the manifest.
+    async fn sync_rootfs(&mut self) -> Result<u64> {
+        let now = rootfs::snapshot(&self.rootfs)?;
+        let changed: Vec<String> = rootfs::changed_files(&self.snapshot, &now)
+            .into_iter()
+            .map(String::from)
+            .collect();
+        let mut bytes = 0;
+        for rel in changed {
+            let path = self.rootfs.join(&rel);
+            let Ok(mut file) = fs::File::open(&path) else {
+                continue;
+            };
+            let mut offset = 0u64;
+            let mut chunk = vec![0u8; FILE_CHUNK];
+            loop {
+                let n = file
+                    .read(&mut chunk)
+                    .map_err(|e| MigrateError::Source(format!("read {}: {e}", path.display())))?;
+                if n == 0 {
+                    break;
+                }
+                self.ch
+                    .send(&Message::FileChunk {
+                        path: rel.clone(),
+                        offset,
+                        data: migrun_wire::Bytes::copy_from_slice(&chunk[..n]),
+                    })
+                    .await?;
+                offset += n as u64;
+                bytes += n as u64;
+            }
+            if offset == 0 {
+                self.ch
+                    .send(&Message::FileChunk {
+                        path: rel.clone(),
+                        offset: 0,
+                        data: migrun_wire::Bytes::new(),
+                    })
+                    .await?;
+            }
+            self.ch
+                .send(&Message::FileDone {
+                    path: rel,
+                    size: offset,
+                })
+                .await?;
+        }
+        let manifest = serde_json::to_vec(&now).map_err(|e| MigrateError::Source(e.to_string()))?;
+        self.ch
+            .send(&Message::FileChunk {
+                path: MANIFEST.into(),
+                offset: 0,
+                data: manifest.into(),
+            })
+            .await?;
+        self.ch
+            .send(&Message::FileDone {
+                path: MANIFEST.into(),
+                size: 0,
+            })
+            .await?;
+        self.snapshot = now;
+        self.stats.bytes_rootfs += bytes;
+        Ok(bytes)
+    }
+
+    /// Stops every tracker (before CRIU: it must not find our userfaultfd).
+    fn stop_trackers(&mut self) {
+        for (_, tracker) in self.trackers.values_mut() {
+            if let Some(t) = tracker {
+                let _ = t.stop();
+            }
+        }
+    }
+}
+
+/// Finds this process's CRIU child (`criu swrk`) to end a lazy dump.
+fn criu_children() -> Vec<i32> {
+    let me = std::process::id().to_string();
+    let mut out = Vec::new();
+    if let Ok(entries) = fs::read_dir("/proc") {
+        for e in entries.flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(stat) = fs::read_to_string(e.path().join("stat")) else {
+                continue;
+            };
+            // pid (comm) state ppid ...
+            let Some(close) = stat.rfind(')') else {
+                continue;
+            };
+            let comm = stat
+                .get(stat.find('(').map_or(0, |i| i + 1)..close)
+                .unwrap_or_default();
+            let ppid = stat[close + 1..]
+                .split_whitespace()
+                .nth(1)
+                .unwrap_or_default();
+            if comm == "criu" && ppid == me {
+                out.push(pid);
+            }
+        }
+    }
+    out
+}
+
+/// Kills a running lazy dump (its tasks stay, frozen by our freezer).
+fn end_lazy_dump(thread: Option<std::thread::JoinHandle<()>>) {
+    for pid in criu_children() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    if let Some(t) = thread {
+        let _ = t.join();
+    }
+}
+
+/// A free TCP port on loopback for CRIU's (unused) lazy page server.
+fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")
+        .map_err(|e| MigrateError::Source(format!("find a free port: {e}")))?;
+    Ok(l.local_addr()
+        .map_err(|e| MigrateError::Source(e.to_string()))?
+        .port())
+}
+
+/// Migrates container `opts.id` to `opts.to`. On success the container is
+/// gone here and runs there; on failure it runs here as before.
+pub async fn migrate_out(root: &StateRoot, opts: &OutOptions) -> Result<MigrationStats> {
+    let started = Instant::now();
+    let container = root.load(&opts.id)?;
+    if container.status() != libcontainer::container::ContainerStatus::Running {
+        return Err(MigrateError::Source(format!(
+            "container {} is not running",
+            opts.id
+        )));
+    }
+    let bundle = container.bundle().clone();
+    let spec = load_bundle_spec(&bundle)?;
+    let config = fs::read_to_string(bundle.join("config.json"))
+        .map_err(|e| MigrateError::Source(format!("read config.json: {e}")))?;
+    let key = migrun_wire::load_key(&opts.key)?;
+    let mut ch = migrun_wire::connect(opts.to.as_str(), &key).await?;
+    if let Some(mbit) = opts.bandwidth_mbit {
+        ch.bandwidth().set_mbit(Some(mbit));
+    }
+    let traffic = ch.traffic();
+    ch.send(&Message::Hello {
+        agent: format!("migrun {}", env!("CARGO_PKG_VERSION")),
+    })
+    .await?;
+    let mut src = Source {
+        root,
+        opts,
+        ch,
+        trackers: HashMap::new(),
+        stats: MigrationStats {
+            container: opts.id.clone(),
+            precopy: !opts.no_precopy,
+            dirty_tracking: "none".into(),
+            ..Default::default()
+        },
+        buf: Vec::new(),
+        rootfs: root.meta(&opts.id).rootfs,
+        snapshot: Snapshot::new(),
+    };
+    let procs = src.processes()?;
+    let resident: u64 = procs
+        .iter()
+        .map(|p| {
+            memory::populated_pages(p.host)
+                .map(|v| v.len() as u64)
+                .unwrap_or(0)
+        })
+        .sum();
+    src.ch
+        .send(&Message::Start {
+            container_id: opts.id.clone(),
+            spec_json: serde_json::json!({ "config": config }).to_string(),
+            memory: MemoryTotals {
+                processes: procs.len() as u32,
+                mapped_bytes: resident * PAGE,
+                resident_pages: resident,
+            },
+        })
+        .await?;
+
+    let result = run_source(&mut src, &spec).await;
+    match result {
+        Ok(dump) => {
+            let (thread, _images) = dump;
+            end_lazy_dump(thread);
+            // The target runs the container: remove it here.
+            if let Err(e) = lifecycle::delete(root, &opts.id, true) {
+                tracing::error!("delete migrated container {}: {e}", opts.id);
+            }
+            let _ = src.ch.send(&Message::Done).await;
+            src.stats.total_ms = started.elapsed().as_secs_f64() * 1000.0;
+            src.stats.bytes_total = traffic.bytes_total();
+            let _ = fs::remove_dir_all(opts.work_dir.join(&opts.id));
+            Ok(src.stats)
+        }
+        Err((err, thread)) => {
+            end_lazy_dump(thread);
+            src.stop_trackers();
+            // Thaw the container exactly as it was.
+            if let Ok(c) = root.load(&opts.id) {
+                if c.status() == libcontainer::container::ContainerStatus::Paused {
+                    let _ = lifecycle::resume(root, &opts.id);
+                }
+            }
+            let _ = src
+                .ch
+                .send(&Message::Abort {
+                    reason: err.to_string(),
+                })
+                .await;
+            let _ = fs::remove_dir_all(opts.work_dir.join(&opts.id));
+            Err(err)
+        }
+    }
+}
+
+type DumpThread = Option<std::thread::JoinHandle<()>>;
+
+/// The rounds, the freeze, the dump and the commit. On error, returns the
+/// dump thread (if any) so the caller can end it before thawing.
+async fn run_source(
+    src: &mut Source<'_>,
+    spec: &oci_spec::runtime::Spec,
+) -> std::result::Result<(DumpThread, PathBuf), (MigrateError, DumpThread)> {
+    let traffic = src.ch.traffic();
+    let precopy = !src.opts.no_precopy;
+    let mut round = 0u32;
+    let mut bandwidth_bps = src
+        .opts
+        .bandwidth_mbit
+        .map(|m| m as f64 * 1e6 / 8.0)
+        .unwrap_or(125e6);
+    if precopy {
+        // Round 0: everything, then the root filesystem.
+        let t = Instant::now();
+        let b0 = traffic.bytes_sent();
+        let (data, zero) = src
+            .pick_up_new_processes(true)
+            .await
+            .map_err(|e| (e, None))?;
+        src.sync_rootfs().await.map_err(|e| (e, None))?;
+        let fig = figures(
+            0,
+            data,
+            zero,
+            0,
+            traffic.bytes_sent() - b0,
+            t.elapsed(),
+            false,
+        );
+        bandwidth_bps = measured(bandwidth_bps, &fig);
+        progress(&fig, 0.0);
+        src.stats.rounds.push(fig);
+        // Later rounds: only what was written meanwhile.
+        loop {
+            round += 1;
+            let t = Instant::now();
+            let b0 = traffic.bytes_sent();
+            let (dirtied, data, zero) = src.send_dirty().await.map_err(|e| (e, None))?;
+            let (nd, nz) = src
+                .pick_up_new_processes(true)
+                .await
+                .map_err(|e| (e, None))?;
+            let fig = figures(
+                round,
+                data + nd,
+                zero + nz,
+                dirtied,
+                traffic.bytes_sent() - b0,
+                t.elapsed(),
+                false,
+            );
+            bandwidth_bps = measured(bandwidth_bps, &fig);
+            let estimate_ms = fig.pages_dirtied as f64 * PAGE as f64 / bandwidth_bps * 1000.0;
+            progress(&fig, estimate_ms);
+            src.stats.rounds.push(fig);
+            if estimate_ms <= src.opts.max_downtime_ms as f64 / 4.0 || round >= src.opts.max_rounds
+            {
+                break;
+            }
+        }
+        src.stats.precopy_rounds = round + 1;
+    }
+
+    // The freeze.
+    let freeze = Instant::now();
+    let at_freeze = traffic.bytes_total();
+    lifecycle::pause(src.root, &src.opts.id).map_err(|e| (e.into(), None))?;
+    let t = Instant::now();
+    let b0 = traffic.bytes_sent();
+    let (dirtied, data, zero) = if precopy {
+        let (dirtied, d, z) = src.send_dirty().await.map_err(|e| (e, None))?;
+        src.stop_trackers();
+        let (nd, nz) = src
+            .pick_up_new_processes(false)
+            .await
+            .map_err(|e| (e, None))?;
+        (dirtied, d + nd, z + nz)
+    } else {
+        let (d, z) = src
+            .pick_up_new_processes(false)
+            .await
+            .map_err(|e| (e, None))?;
+        (0, d, z)
+    };
+    src.sync_rootfs().await.map_err(|e| (e, None))?;
+    let fig = figures(
+        round + u32::from(precopy),
+        data,
+        zero,
+        dirtied,
+        traffic.bytes_sent() - b0,
+        t.elapsed(),
+        true,
+    );
+    progress(&fig, 0.0);
+    src.stats.rounds.push(fig);
+    src.stats.processes = src.trackers.len();
+
+    // CRIU: the process state, no memory (--lazy-pages).
+    let images = src.opts.work_dir.join(&src.opts.id);
+    let _ = fs::remove_dir_all(&images);
+    fs::create_dir_all(&images).map_err(|e| {
+        (
+            MigrateError::Source(format!("create {}: {e}", images.display())),
+            None,
+        )
+    })?;
+    let dump_started = Instant::now();
+    let (thread, ready) = start_lazy_dump(src, spec, &images).map_err(|e| (e, None))?;
+    let ready = tokio::task::spawn_blocking(move || wait_ready(ready)).await;
+    let ready = match ready {
+        Ok(r) => r,
+        Err(e) => Err(MigrateError::Source(format!("wait for criu: {e}"))),
+    };
+    if let Err(e) = ready {
+        let detail =
+            migrun_criu::images::first_error_line(&images.join("dump.log")).unwrap_or_default();
+        return Err((
+            MigrateError::Source(format!("criu dump failed: {e} {detail}")),
+            Some(thread),
+        ));
+    }
+    src.stats.criu_dump_ms = dump_started.elapsed().as_secs_f64() * 1000.0;
+    let sent = send_images(&mut src.ch, &images).await;
+    match sent {
+        Ok(n) => src.stats.bytes_criu_images = n,
+        Err(e) => return Err((e, Some(thread))),
+    }
+    if let Err(e) = src.ch.send(&Message::Commit).await {
+        return Err((e.into(), Some(thread)));
+    }
+    // The target restores; its answer ends the downtime.
+    match src.ch.recv().await {
+        Ok(Message::Ack) => {}
+        Ok(Message::Error { message }) => return Err((MigrateError::Peer(message), Some(thread))),
+        Ok(Message::Abort { reason }) => return Err((MigrateError::Peer(reason), Some(thread))),
+        Ok(other) => {
+            return Err((
+                MigrateError::Protocol(format!("expected Ack, got {other:?}")),
+                Some(thread),
+            ))
+        }
+        Err(e) => {
+            return Err((
+                MigrateError::Peer(format!("connection lost before the target confirmed: {e}")),
+                Some(thread),
+            ))
+        }
+    }
+    src.stats.downtime_ms = freeze.elapsed().as_secs_f64() * 1000.0;
+    src.stats.bytes_downtime = traffic.bytes_total() - at_freeze;
+    Ok((Some(thread), images))
+}
+
+/// Figures of one round.
+fn figures(
+    round: u32,
+    data: u64,
+    zero: u64,
+    dirtied: u64,
+    bytes: u64,
+    took: Duration,
+    frozen: bool,
+) -> RoundFigures {
+    let secs = took.as_secs_f64().max(1e-6);
+    RoundFigures {
+        round,
+        pages_sent: data,
+        pages_zero: zero,
+        pages_dirtied: dirtied,
+        bytes,
+        duration_ms: secs * 1000.0,
+        dirty_rate_pages_per_s: dirtied as f64 / secs,
+        bandwidth_mbit: bytes as f64 * 8.0 / secs / 1e6,
+        frozen,
+    }
+}
+
+/// Bandwidth estimate after a round (only rounds that moved enough data count).
+fn measured(previous: f64, fig: &RoundFigures) -> f64 {
+    if fig.bytes > (4 << 20) {
+        fig.bytes as f64 / (fig.duration_ms / 1000.0)
+    } else {
+        previous
+    }
+}
+
+/// Starts CRIU's lazy dump in a thread; returns it and the read end of its status pipe.
+fn start_lazy_dump(
+    src: &Source<'_>,
+    spec: &oci_spec::runtime::Spec,
+    images: &Path,
+) -> Result<(std::thread::JoinHandle<()>, OwnedFd)> {
+    let (read, write) =
+        nix::unistd::pipe().map_err(|e| MigrateError::Source(format!("pipe: {e}")))?;
+    // The write end must survive into criu (no close-on-exec).
+    let container = src.root.load(&src.opts.id)?;
+    let opts = CheckpointOptions {
+        id: src.opts.id.clone(),
+        image_path: images.to_path_buf(),
+        tcp_established: true,
+        lazy_pages: true,
+        page_server: Some(format!("127.0.0.1:{}", free_port()?)),
+        status_fd: Some(write.as_raw_fd()),
+        criu: src.opts.criu.clone(),
+        ..Default::default()
+    };
+    let req = checkpoint::dump_request(src.root, &container, spec, images, &opts)?;
+    let bin = checkpoint::criu_binary(&src.opts.criu)?;
+    let thread = std::thread::spawn(move || {
+        let _keep = write;
+        if let Err(e) = migrun_criu::dump(&bin, &req) {
+            tracing::debug!("lazy dump ended: {e}");
+        }
+    });
+    Ok((thread, read))
+}
+
+/// Waits for CRIU's "ready" byte on the status pipe.
+fn wait_ready(read: OwnedFd) -> Result<()> {
+    let mut f = fs::File::from(read);
+    let mut b = [0u8; 1];
+    match f.read(&mut b) {
+        Ok(1) => Ok(()),
+        _ => Err(MigrateError::Source(
+            "criu dump ended before it was ready".into(),
+        )),
+    }
+}
+
+/// Sends every file of the image directory; returns the bytes sent.
+async fn send_images(ch: &mut Channel, dir: &Path) -> Result<u64> {
+    let mut total = 0;
+    let mut entries: Vec<_> = fs::read_dir(dir)
+        .map_err(|e| MigrateError::Source(format!("read {}: {e}", dir.display())))?
+        .flatten()
+        .collect();
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !e.file_type().map(|t| t.is_file()).unwrap_or(false) || name.ends_with(".log") {
+            continue;
+        }
+        let data =
+            fs::read(e.path()).map_err(|x| MigrateError::Source(format!("read {name}: {x}")))?;
+        let mut offset = 0usize;
+        loop {
+            let end = (offset + FILE_CHUNK).min(data.len());
+            ch.send(&Message::CriuImages {
+                name: name.clone(),
+                offset: offset as u64,
+                data: migrun_wire::Bytes::copy_from_slice(&data[offset..end]),
+            })
+            .await?;
+            total += (end - offset) as u64;
+            offset = end;
+            if offset >= data.len() {
+                break;
+            }
+        }
+    }
+    Ok(total)
+}

@@ -1,0 +1,272 @@
+//! The target end: `migrun migrate-in`.
+//!
+//! Receives the root filesystem, the pages and CRIU's images of a container,
+//! completes the images from its page store and restores the container under
+//! its own `--root`. Until it acknowledges, any failure removes everything it
+//! made for that migration.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use migrun_runtime::checkpoint::{self, RestoreOptions};
+use migrun_runtime::{lifecycle, StateRoot};
+use migrun_wire::{Channel, Message};
+
+use crate::rootfs::{self, MANIFEST};
+use crate::store::PageStore;
+use crate::{images, MigrateError, Result};
+
+/// Options of `migrate-in`.
+#[derive(Debug, Clone)]
+pub struct InOptions {
+    /// Address to listen on.
+    pub listen: String,
+    /// Shared key file.
+    pub key: PathBuf,
+    /// Exit after one migration, with its status.
+    pub once: bool,
+    /// Where bundles and images of incoming containers go.
+    pub work_dir: PathBuf,
+    /// The CRIU binary asked for.
+    pub criu: PathBuf,
+}
+
+/// What the target made for one migration, to undo on failure.
+struct Incoming {
+    dir: PathBuf,
+    id: Option<String>,
+    restored: bool,
+}
+
+impl Incoming {
+    fn undo(&self, root: &StateRoot) {
+        if let (Some(id), true) = (&self.id, self.restored) {
+            let _ = lifecycle::delete(root, id, true);
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Serves migrations on `opts.listen`; returns after one with `--once`.
+pub async fn migrate_in(root: &StateRoot, opts: &InOptions) -> Result<()> {
+    let key = migrun_wire::load_key(&opts.key)?;
+    let listener = tokio::net::TcpListener::bind(&opts.listen)
+        .await
+        .map_err(|e| MigrateError::Target(format!("listen on {}: {e}", opts.listen)))?;
+    eprintln!("migrate-in: listening on {}", opts.listen);
+    loop {
+        let ch = match migrun_wire::accept(&listener, &key).await {
+            Ok(ch) => ch,
+            Err(e) => {
+                eprintln!("migrate-in: refused a connection: {e}");
+                if opts.once {
+                    return Err(e.into());
+                }
+                continue;
+            }
+        };
+        let result = receive(root, opts, ch).await;
+        match &result {
+            Ok(id) => eprintln!("migrate-in: container {id} restored and running"),
+            Err(e) => eprintln!("migrate-in: migration failed: {e}"),
+        }
+        if opts.once {
+            return result.map(|_| ());
+        }
+    }
+}
+
+/// Receives one migration; returns the container id once it runs here.
+async fn receive(root: &StateRoot, opts: &InOptions, mut ch: Channel) -> Result<String> {
+    let mut inc = Incoming {
+        dir: opts
+            .work_dir
+            .join(format!("incoming-{}-{}", std::process::id(), unique())),
+        id: None,
+        restored: false,
+    };
+    let result = receive_into(root, opts, &mut ch, &mut inc).await;
+    match result {
+        Ok(id) => Ok(id),
+        Err(e) => {
+            inc.undo(root);
+            let _ = ch
+                .send(&Message::Error {
+                    message: e.to_string(),
+                })
+                .await;
+            Err(e)
+        }
+    }
+}
+
+/// A number unique enough for work directory names.
+fn unique() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+/// Makes an image name safe to join to the image directory.
+fn safe_name(name: &str) -> Result<&str> {
+    if name.is_empty() || name.contains('/') || name.starts_with('.') {
+        return Err(MigrateError::Protocol(format!("bad image name {name:?}")));
+    }
+    Ok(name)
+}
+
+/// The config the container runs with here: a cgroup of this host's own
+/// (on one kernel, source and target must not share the source's cgroup).
+fn local_config(config: &str, id: &str, root: &StateRoot) -> Result<String> {
+    let mut spec: serde_json::Value = serde_json::from_str(config)
+        .map_err(|e| MigrateError::Protocol(format!("bad config.json from the source: {e}")))?;
+    let tag: u32 = root
+        .path()
+        .to_string_lossy()
+        .bytes()
+        .fold(2166136261u32, |h, b| {
+            (h ^ u32::from(b)).wrapping_mul(16777619)
+        });
+    spec["linux"]["cgroupsPath"] = serde_json::Value::from(format!("/migrun-{tag:08x}/{id}"));
+    spec["root"]["path"] = serde_json::Value::from("rootfs");
+    serde_json::to_string_pretty(&spec).map_err(|e| MigrateError::Target(e.to_string()))
+}
+
+async fn receive_into(
+    root: &StateRoot,
+    opts: &InOptions,
+    ch: &mut Channel,
+    inc: &mut Incoming,
+) -> Result<String> {
+    let bundle = inc.dir.join("bundle");
+    let rootfs_dir = bundle.join("rootfs");
+    let image_dir = inc.dir.join("images");
+    let io =
+        |what: &Path, e: std::io::Error| MigrateError::Target(format!("{}: {e}", what.display()));
+    fs::create_dir_all(&rootfs_dir).map_err(|e| io(&rootfs_dir, e))?;
+    fs::create_dir_all(&image_dir).map_err(|e| io(&image_dir, e))?;
+    let mut store = PageStore::default();
+    let mut manifest = Vec::new();
+    let mut id = String::new();
+    loop {
+        let msg = ch
+            .recv()
+            .await
+            .map_err(|e| MigrateError::Peer(format!("source gone: {e}")))?;
+        match msg {
+            Message::Hello { agent } => tracing::info!("migration from {agent}"),
+            Message::Start {
+                container_id,
+                spec_json,
+                memory,
+            } => {
+                crate_id_check(root, &container_id)?;
+                let v: serde_json::Value = serde_json::from_str(&spec_json)
+                    .map_err(|e| MigrateError::Protocol(format!("bad start message: {e}")))?;
+                let config = v["config"]
+                    .as_str()
+                    .ok_or_else(|| MigrateError::Protocol("start without config".into()))?;
+                let path = bundle.join("config.json");
+                fs::write(&path, local_config(config, &container_id, root)?)
+                    .map_err(|e| io(&path, e))?;
+                eprintln!(
+                    "migrate-in: receiving container {container_id}: {} processes, {} resident pages",
+                    memory.processes, memory.resident_pages
+                );
+                id = container_id;
+                inc.id = Some(id.clone());
+            }
+            Message::Pages(run) => {
+                run.validate().map_err(MigrateError::Protocol)?;
+                for (addr, data) in run.pages() {
+                    store.insert(run.pid, addr, data);
+                }
+            }
+            Message::FileChunk { path, offset, data } => {
+                if path == MANIFEST {
+                    manifest.extend_from_slice(&data);
+                } else {
+                    rootfs::write_chunk(&rootfs_dir, &path, offset, &data)?;
+                }
+            }
+            Message::FileDone { path, size } => {
+                if path == MANIFEST {
+                    let snap: rootfs::Snapshot = serde_json::from_slice(&manifest)
+                        .map_err(|e| MigrateError::Protocol(format!("bad manifest: {e}")))?;
+                    manifest.clear();
+                    rootfs::apply_manifest(&rootfs_dir, &snap)?;
+                } else {
+                    rootfs::finish_file(&rootfs_dir, &path, size)?;
+                }
+            }
+            Message::FileRemove { path } => {
+                let _ = fs::remove_file(rootfs_dir.join(&path));
+            }
+            Message::RoundDone { round, stats } => {
+                tracing::info!(round, pages = stats.pages_sent, "round done");
+            }
+            Message::CriuImages { name, offset, data } => {
+                use std::os::unix::fs::FileExt;
+                let path = image_dir.join(safe_name(&name)?);
+                let f = fs::OpenOptions::new()
+                    .create(true)
+                    .write(true)
+                    .truncate(false)
+                    .open(&path)
+                    .map_err(|e| io(&path, e))?;
+                f.write_all_at(&data, offset).map_err(|e| io(&path, e))?;
+            }
+            Message::Commit => {
+                if id.is_empty() {
+                    return Err(MigrateError::Protocol("commit before start".into()));
+                }
+                let t = Instant::now();
+                let filled = images::complete_images(&image_dir, &store)?;
+                drop(std::mem::take(&mut store));
+                tracing::info!(filled, "images completed");
+                checkpoint::restore(
+                    root,
+                    &RestoreOptions {
+                        id: id.clone(),
+                        bundle: bundle.clone(),
+                        image_path: image_dir.clone(),
+                        tcp_established: true,
+                        criu: opts.criu.clone(),
+                        ..Default::default()
+                    },
+                )?;
+                inc.restored = true;
+                eprintln!(
+                    "migrate-in: restored {id} in {:.0} ms",
+                    t.elapsed().as_secs_f64() * 1000.0
+                );
+                ch.send(&Message::Ack).await?;
+                // The images are no longer needed; the bundle stays: it is the container's.
+                let _ = fs::remove_dir_all(&image_dir);
+                // The source removes its copy, then says Done.
+                let _ = ch.recv().await;
+                return Ok(id);
+            }
+            Message::Abort { reason } => {
+                return Err(MigrateError::Peer(format!("source aborted: {reason}")));
+            }
+            other => {
+                return Err(MigrateError::Protocol(format!(
+                    "unexpected message {other:?}"
+                )));
+            }
+        }
+    }
+}
+
+/// Refuses a container id that already exists here.
+fn crate_id_check(root: &StateRoot, id: &str) -> Result<()> {
+    if root.exists(id) {
+        return Err(MigrateError::Target(format!(
+            "container {id} already exists on the target"
+        )));
+    }
+    Ok(())
+}
