@@ -73,6 +73,23 @@ fn log_usage_error(args: &[OsString], msg: &str) {
     }
 }
 
+/// The error and its causes on one line, without repeating a cause that a
+/// message already includes.
+fn one_line(err: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
 fn main() {
     // Like runc and every C tool: a closed pipe on stdout ends the program
     // quietly (`migrun events | head`), instead of a panic.
@@ -117,7 +134,7 @@ fn main() {
     match commands::dispatch(cli) {
         Ok(code) => std::process::exit(code),
         Err(err) => {
-            let msg = format!("{err:#}");
+            let msg = one_line(&err);
             if !log.is_stderr() {
                 log.write(&tracing::Level::ERROR, &msg);
             }

@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 use migrun_runtime::checkpoint::{self, CheckpointOptions};
 use migrun_runtime::lifecycle::{self, container_pids, load_bundle_spec};
 use migrun_runtime::StateRoot;
-use migrun_wire::{Channel, MemoryTotals, Message};
+use migrun_wire::{MemoryTotals, Message, Sender};
+use tokio::sync::mpsc;
 
 use crate::dirty::{self, DirtyTracker};
 use crate::memory::{self, MemReader, Proc, PAGE};
@@ -56,7 +57,9 @@ const FILE_CHUNK: usize = 4 << 20;
 struct Source<'a> {
     root: &'a StateRoot,
     opts: &'a OutOptions,
-    ch: Channel,
+    ch: Sender,
+    /// What the target says while we send (Ack, Error, Abort), read by a task.
+    replies: mpsc::UnboundedReceiver<migrun_wire::Result<Message>>,
     trackers: HashMap<i32, (Proc, Option<Box<dyn DirtyTracker>>)>,
     stats: MigrationStats,
     buf: Vec<u8>,
@@ -80,6 +83,30 @@ fn progress(r: &RoundFigures, estimate_ms: f64) {
 }
 
 impl Source<'_> {
+    /// After a failure, the target's own account of it if it sent one
+    /// (a send fails with a broken pipe when the target gave up first).
+    async fn peer_reason(&mut self, err: MigrateError) -> MigrateError {
+        if !matches!(err, MigrateError::Wire(_)) {
+            return err;
+        }
+        let wait = tokio::time::timeout(Duration::from_secs(2), async {
+            while let Some(m) = self.replies.recv().await {
+                match m {
+                    Ok(Message::Error { message }) | Ok(Message::Abort { reason: message }) => {
+                        return Some(message)
+                    }
+                    Ok(_) => continue,
+                    Err(_) => return None,
+                }
+            }
+            None
+        });
+        match wait.await {
+            Ok(Some(message)) => MigrateError::Peer(message),
+            _ => err,
+        }
+    }
+
     /// The container's processes (thread-group leaders), with their container pids.
     fn processes(&self) -> Result<Vec<Proc>> {
         let container = self.root.load(&self.opts.id)?;
@@ -340,19 +367,33 @@ pub async fn migrate_out(root: &StateRoot, opts: &OutOptions) -> Result<Migratio
     let config = fs::read_to_string(bundle.join("config.json"))
         .map_err(|e| MigrateError::Source(format!("read config.json: {e}")))?;
     let key = migrun_wire::load_key(&opts.key)?;
-    let mut ch = migrun_wire::connect(opts.to.as_str(), &key).await?;
+    let ch = migrun_wire::connect(opts.to.as_str(), &key).await?;
     if let Some(mbit) = opts.bandwidth_mbit {
         ch.bandwidth().set_mbit(Some(mbit));
     }
     let traffic = ch.traffic();
-    ch.send(&Message::Hello {
+    let (mut tx, mut rx) = ch.split();
+    // The target may report a failure at any time; read it while sending.
+    rx.set_recv_timeout(None);
+    let (reply_tx, replies) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let m = rx.recv().await;
+            let end = m.is_err();
+            if reply_tx.send(m).is_err() || end {
+                break;
+            }
+        }
+    });
+    tx.send(&Message::Hello {
         agent: format!("migrun {}", env!("CARGO_PKG_VERSION")),
     })
     .await?;
     let mut src = Source {
         root,
         opts,
-        ch,
+        ch: tx,
+        replies,
         trackers: HashMap::new(),
         stats: MigrationStats {
             container: opts.id.clone(),
@@ -402,6 +443,7 @@ pub async fn migrate_out(root: &StateRoot, opts: &OutOptions) -> Result<Migratio
         }
         Err((err, thread)) => {
             end_lazy_dump(thread);
+            let err = src.peer_reason(err).await;
             src.stop_trackers();
             // Thaw the container exactly as it was.
             if let Ok(c) = root.load(&opts.id) {
@@ -558,7 +600,18 @@ async fn run_source(
         return Err((e.into(), Some(thread)));
     }
     // The target restores; its answer ends the downtime.
-    match src.ch.recv().await {
+    let reply = tokio::time::timeout(Duration::from_secs(300), src.replies.recv()).await;
+    let reply = match reply {
+        Ok(Some(r)) => r,
+        Ok(None) => Err(migrun_wire::WireError::Closed),
+        Err(_) => {
+            return Err((
+                MigrateError::Peer("no answer from the target in 300 s".into()),
+                Some(thread),
+            ))
+        }
+    };
+    match reply {
         Ok(Message::Ack) => {}
         Ok(Message::Error { message }) => return Err((MigrateError::Peer(message), Some(thread))),
         Ok(Message::Abort { reason }) => return Err((MigrateError::Peer(reason), Some(thread))),
@@ -657,7 +710,7 @@ fn wait_ready(read: OwnedFd) -> Result<()> {
 }
 
 /// Sends every file of the image directory; returns the bytes sent.
-async fn send_images(ch: &mut Channel, dir: &Path) -> Result<u64> {
+async fn send_images(ch: &mut Sender, dir: &Path) -> Result<u64> {
     let mut total = 0;
     let mut entries: Vec<_> = fs::read_dir(dir)
         .map_err(|e| MigrateError::Source(format!("read {}: {e}", dir.display())))?

@@ -249,6 +249,14 @@ pub fn delete(root: &StateRoot, id: &str, force: bool) -> Result<()> {
         if container.status() == ContainerStatus::Paused {
             let _ = container.resume();
         }
+        // A large process takes a moment to exit; its cgroup cannot be
+        // removed before (rmdir fails with EBUSY).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while container_pids(&container).is_ok_and(|p| !p.is_empty())
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
     }
     container
         .delete(force)

@@ -1,0 +1,456 @@
+//! Live migration between two migrun roots on this host, over loopback:
+//! real containers, real memory, real faults.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::Duration;
+
+use migrun_tests::{migrun_bin, unique_id, wait_until, Bundle, Migrun};
+
+/// A shell loop writing an increasing counter to /count every 50 ms.
+const COUNTER: &str = "i=0; while true; do i=$((i+1)); echo $i > /count; sleep 0.05; done";
+
+static PORT: AtomicU16 = AtomicU16::new(0);
+
+/// A port for this test's target (distinct per test and per test process).
+fn port() -> u16 {
+    let base = 20000 + (std::process::id() % 2000) as u16 * 10;
+    base + PORT.fetch_add(1, Ordering::SeqCst)
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().expect("utf8 path")
+}
+
+/// A shared key for a pair of hosts.
+fn key(dir: &Path) -> PathBuf {
+    let k = dir.join("pair.key");
+    let st = Command::new(migrun_bin())
+        .args(["keygen", "--out"])
+        .arg(&k)
+        .output()
+        .expect("keygen");
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    k
+}
+
+/// The target: `migrate-in --once` under its own root.
+struct Target {
+    m: Migrun,
+    child: Child,
+    addr: String,
+    work: tempfile::TempDir,
+    log: PathBuf,
+}
+
+impl Target {
+    fn start(key: &Path) -> Self {
+        Self::start_with(key, &[], None)
+    }
+
+    fn start_with(key: &Path, extra: &[&str], work: Option<tempfile::TempDir>) -> Self {
+        let m = Migrun::new();
+        let addr = format!("127.0.0.1:{}", port());
+        let work = work.unwrap_or_else(|| tempfile::tempdir().expect("tmp"));
+        let log = work.path().join("..").join(format!(
+            "migrate-in-{}.log",
+            unique_id(&addr.replace([':', '.'], "-"))
+        ));
+        let logf = fs::File::create(&log).expect("log");
+        let child = m
+            .command()
+            .args(extra)
+            .args(["migrate-in", "--listen", &addr, "--once", "--key"])
+            .arg(key)
+            .arg("--work-dir")
+            .arg(work.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(logf)
+            .spawn()
+            .expect("spawn migrate-in");
+        // Not a probe connection: with --once it would be the one migration.
+        assert!(wait_until(Duration::from_secs(5), || fs::read_to_string(
+            &log
+        )
+        .map(|l| l.contains("listening"))
+        .unwrap_or(false)));
+        Self {
+            m,
+            child,
+            addr,
+            work,
+            log,
+        }
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits for migrate-in to exit; returns its success.
+    fn finish(&mut self) -> bool {
+        for _ in 0..300 {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st.success();
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        false
+    }
+
+    /// Files left in the target's work directory.
+    fn leftovers(&self) -> Vec<String> {
+        fs::read_dir(self.work.path())
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs migrate-out; returns (success, stderr, stats JSON if written).
+fn migrate_out(
+    src: &Migrun,
+    id: &str,
+    target: &Target,
+    key: &Path,
+    extra: &[&str],
+) -> (bool, String, Option<serde_json::Value>) {
+    let stats = tempfile::NamedTempFile::new().expect("tmp");
+    let work = tempfile::tempdir().expect("tmp");
+    let out = src
+        .command()
+        .args(["migrate-out", id, "--to", &target.addr, "--key"])
+        .arg(key)
+        .arg("--stats-json")
+        .arg(stats.path())
+        .arg("--work-dir")
+        .arg(work.path())
+        .args(extra)
+        .stdin(Stdio::null())
+        .output()
+        .expect("spawn migrate-out");
+    let json = fs::read_to_string(stats.path())
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok());
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        json,
+    )
+}
+
+fn counter(rootfs: &Path) -> u64 {
+    fs::read_to_string(rootfs.join("count"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The target-side rootfs of a migrated container.
+fn target_rootfs(target: &Target, id: &str) -> PathBuf {
+    PathBuf::from(
+        target.m.state(id)["rootfs"]
+            .as_str()
+            .expect("rootfs")
+            .to_string(),
+    )
+}
+
+#[test]
+fn counter_migrates_and_continues() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let key = key(dir.path());
+    let src = Migrun::new();
+    let id = unique_id("mig-counter");
+    let b = Bundle::new(&["sh", "-c", COUNTER]);
+    src.ok_quiet(&["run", "-d", "-b", path(b.path()), &id]);
+    assert!(wait_until(Duration::from_secs(5), || counter(&b.rootfs()) >= 10));
+    let source_pid = src.state(&id)["pid"].as_i64().expect("pid");
+    let mut target = Target::start(&key);
+    let (ok, err, stats) = migrate_out(&src, &id, &target, &key, &[]);
+    assert!(ok, "migrate-out failed: {err}\ntarget: {}", target.log());
+    assert!(target.finish(), "migrate-in failed: {}", target.log());
+    let at_source = counter(&b.rootfs());
+    // Gone from the source, running on the target.
+    src.fails(&["state", &id]);
+    // Gone, or a zombie waiting for this machine's init to reap it.
+    let alive = || {
+        fs::read_to_string(format!("/proc/{source_pid}/stat"))
+            .map(|s| {
+                s.rsplit(')')
+                    .next()
+                    .map(|r| r.trim_start().starts_with('Z'))
+                    != Some(true)
+            })
+            .unwrap_or(false)
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), || !alive()),
+        "source process still running"
+    );
+    assert_eq!(target.m.status(&id), "running");
+    let rootfs = target_rootfs(&target, &id);
+    assert!(wait_until(Duration::from_secs(5), || counter(&rootfs) > at_source + 2));
+    let first = counter(&rootfs);
+    assert!(
+        first >= at_source,
+        "counter reset on the target: {at_source} then {first}"
+    );
+    assert_eq!(
+        target
+            .m
+            .ok(&["exec", &id, "cat", "/count"])
+            .trim()
+            .parse::<u64>()
+            .map(|v| v >= first)
+            .ok(),
+        Some(true)
+    );
+    let stats = stats.expect("stats json");
+    for key in [
+        "total_ms",
+        "downtime_ms",
+        "rounds",
+        "bytes_total",
+        "bytes_downtime",
+        "dirty_tracking",
+        "throttled",
+    ] {
+        assert!(stats.get(key).is_some(), "stats lack {key}: {stats}");
+    }
+    assert_eq!(stats["dirty_tracking"], "uffd-wp");
+    assert!(err.contains("round"), "no progress lines: {err}");
+    target.m.ok(&["delete", "-f", &id]);
+}
+
+#[test]
+fn memory_of_512_mib_dirtied_container_arrives_with_little_downtime_traffic() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let key = key(dir.path());
+    let src = Migrun::new();
+    let id = unique_id("mig-512");
+    let b = Bundle::new(&["/dirtier", "512", "4"]);
+    b.install_program("dirtier");
+    src.ok_quiet(&["run", "-d", "-b", path(b.path()), &id]);
+    assert!(wait_until(Duration::from_secs(60), || b
+        .read("ready")
+        .is_some()));
+    let mut target = Target::start(&key);
+    let (ok, err, stats) = migrate_out(&src, &id, &target, &key, &[]);
+    assert!(ok, "migrate-out failed: {err}\ntarget: {}", target.log());
+    assert!(target.finish(), "{}", target.log());
+    let stats = stats.expect("stats");
+    let rounds = stats["precopy_rounds"].as_u64().unwrap_or(0);
+    assert!(rounds >= 2, "only {rounds} pre-copy rounds: {stats}");
+    let downtime_bytes = stats["bytes_downtime"].as_u64().unwrap_or(u64::MAX);
+    assert!(
+        downtime_bytes < (512u64 << 20) / 10,
+        "{downtime_bytes} bytes during the downtime: {stats}"
+    );
+    // The memory is consistent on the target: every page matches its version.
+    let rootfs = target_rootfs(&target, &id);
+    fs::write(rootfs.join("check"), "").expect("check");
+    assert!(wait_until(Duration::from_secs(60), || fs::read_to_string(
+        rootfs.join("result")
+    )
+    .is_ok()));
+    assert_eq!(
+        fs::read_to_string(rootfs.join("result")).unwrap_or_default(),
+        "ok 512"
+    );
+    target.m.ok(&["delete", "-f", &id]);
+}
+
+#[test]
+fn parent_and_child_memory_both_arrive() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let key = key(dir.path());
+    let src = Migrun::new();
+    let id = unique_id("mig-fork");
+    let b = Bundle::new(&["/pattern", "64", "fork"]);
+    b.install_program("pattern");
+    src.ok_quiet(&["run", "-d", "-b", path(b.path()), &id]);
+    assert!(wait_until(Duration::from_secs(30), || b
+        .read("ready-parent")
+        .is_some()
+        && b.read("ready-child").is_some()));
+    let mut target = Target::start(&key);
+    let (ok, err, _) = migrate_out(&src, &id, &target, &key, &[]);
+    assert!(ok, "migrate-out failed: {err}\ntarget: {}", target.log());
+    assert!(target.finish(), "{}", target.log());
+    let rootfs = target_rootfs(&target, &id);
+    for role in ["parent", "child"] {
+        fs::write(rootfs.join(format!("check-{role}")), "").expect("check");
+        let result = rootfs.join(format!("result-{role}"));
+        assert!(
+            wait_until(Duration::from_secs(30), || result.exists()),
+            "{role} did not answer"
+        );
+        assert_eq!(
+            fs::read_to_string(&result).unwrap_or_default(),
+            "ok 64",
+            "{role}"
+        );
+    }
+    target.m.ok(&["delete", "-f", &id]);
+}
+
+/// Starts a counter container on a fresh source root.
+fn running_counter(name: &str) -> (Migrun, String, Bundle) {
+    let src = Migrun::new();
+    let id = unique_id(name);
+    let b = Bundle::new(&["sh", "-c", COUNTER]);
+    src.ok_quiet(&["run", "-d", "-b", path(b.path()), &id]);
+    assert!(wait_until(Duration::from_secs(5), || counter(&b.rootfs()) >= 5));
+    (src, id, b)
+}
+
+/// After a failed migration: the source container runs and counts as before.
+fn assert_source_intact(src: &Migrun, id: &str, b: &Bundle) {
+    assert_eq!(src.status(id), "running");
+    let v = counter(&b.rootfs());
+    assert!(
+        wait_until(Duration::from_secs(5), || counter(&b.rootfs()) > v + 2),
+        "counter stopped on the source"
+    );
+}
+
+#[test]
+fn wrong_key_is_refused_on_both_sides() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let key_a = key(dir.path());
+    let other = tempfile::tempdir().expect("tmp");
+    let key_b = key(other.path());
+    let (src, id, b) = running_counter("mig-key");
+    let mut target = Target::start(&key_b);
+    let (ok, err, _) = migrate_out(&src, &id, &target, &key_a, &[]);
+    assert!(!ok);
+    assert!(err.contains("key"), "{err}");
+    assert!(!target.finish());
+    assert!(target.log().contains("key"), "{}", target.log());
+    assert_source_intact(&src, &id, &b);
+    assert!(target.m.ok(&["list", "-q"]).is_empty());
+    src.ok(&["delete", "-f", &id]);
+}
+
+#[test]
+fn target_killed_during_precopy_leaves_source_running() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let key = key(dir.path());
+    let src = Migrun::new();
+    let id = unique_id("mig-kill");
+    let b = Bundle::new(&["/dirtier", "256", "1"]);
+    b.install_program("dirtier");
+    src.ok_quiet(&["run", "-d", "-b", path(b.path()), &id]);
+    assert!(wait_until(Duration::from_secs(60), || b
+        .read("ready")
+        .is_some()));
+    let mut target = Target::start(&key);
+    let pid = target.child.id();
+    // A slow link keeps pre-copy busy for seconds; kill the target in the middle.
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(1500));
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    });
+    let (ok, err, _) = migrate_out(&src, &id, &target, &key, &["--bandwidth", "200"]);
+    assert!(!ok, "migration succeeded although the target died");
+    assert_eq!(
+        err.trim_end()
+            .lines()
+            .last()
+            .map(|l| l.starts_with("migrun:")),
+        Some(true),
+        "{err}"
+    );
+    let _ = target.finish();
+    assert_eq!(src.status(&id), "running");
+    fs::write(b.rootfs().join("check"), "").expect("check");
+    assert!(wait_until(Duration::from_secs(60), || b
+        .read("result")
+        .is_some()));
+    assert_eq!(b.read("result").unwrap_or_default(), "ok 256");
+    src.ok(&["delete", "-f", &id]);
+}
+
+#[test]
+fn restore_failing_on_target_rolls_back() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let key = key(dir.path());
+    // A CRIU on the target that passes the version check but cannot restore.
+    let fake = dir.path().join("criu");
+    fs::write(
+        &fake,
+        "#!/bin/sh\n[ \"$1\" = --version ] && { echo 'Version: 4.2.1'; exit 0; }\nexit 1\n",
+    )
+    .expect("w");
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&fake, fs::Permissions::from_mode(0o755)).expect("chmod");
+    let (src, id, b) = running_counter("mig-criu");
+    let mut target = Target::start_with(&key, &["--criu", path(&fake)], None);
+    let (ok, err, _) = migrate_out(&src, &id, &target, &key, &[]);
+    assert!(!ok, "migration succeeded with a broken target CRIU");
+    assert!(err.contains("target failed"), "{err}");
+    assert!(!target.finish());
+    assert_source_intact(&src, &id, &b);
+    assert!(target.m.ok(&["list", "-q"]).is_empty());
+    assert!(
+        target.leftovers().is_empty(),
+        "target left {:?}",
+        target.leftovers()
+    );
+    src.ok(&["delete", "-f", &id]);
+}
+
+#[test]
+fn target_work_dir_too_small_rolls_back() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let key = key(dir.path());
+    let small = tempfile::tempdir().expect("tmp");
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=512k", "tmpfs"])
+        .arg(small.path())
+        .status()
+        .expect("mount");
+    assert!(st.success());
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _u = Unmount(small.path().to_path_buf());
+    let (src, id, b) = running_counter("mig-full");
+    let mut target = Target::start_with(&key, &[], Some(small));
+    let (ok, err, _) = migrate_out(&src, &id, &target, &key, &[]);
+    assert!(!ok, "migration succeeded into a full disk");
+    assert!(err.contains("target failed"), "{err}");
+    assert!(!target.finish());
+    assert_source_intact(&src, &id, &b);
+    assert!(
+        target.leftovers().is_empty(),
+        "target left {:?}",
+        target.leftovers()
+    );
+    src.ok(&["delete", "-f", &id]);
+}
