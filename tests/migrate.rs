@@ -454,3 +454,45 @@ fn target_work_dir_too_small_rolls_back() {
     );
     src.ok(&["delete", "-f", &id]);
 }
+
+#[test]
+fn workload_dirtying_faster_than_the_link_is_throttled_and_completes() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let key = key(dir.path());
+    let src = Migrun::new();
+    let id = unique_id("mig-throttle");
+    // A CPU-bound dirtier rewriting 32 MiB as fast as it can, over a 100 Mbit/s cap.
+    let b = Bundle::new(&["/dirtier", "32", "0"]);
+    b.install_program("dirtier");
+    src.ok_quiet(&["run", "-d", "-b", path(b.path()), &id]);
+    assert!(wait_until(Duration::from_secs(30), || b
+        .read("ready")
+        .is_some()));
+    let mut target = Target::start(&key);
+    let (ok, err, stats) = migrate_out(
+        &src,
+        &id,
+        &target,
+        &key,
+        &["--bandwidth", "100", "--max-rounds", "4"],
+    );
+    assert!(ok, "migrate-out failed: {err}\ntarget: {}", target.log());
+    assert!(target.finish(), "{}", target.log());
+    let stats = stats.expect("stats");
+    assert_eq!(stats["throttled"], true, "{stats}");
+    assert!(
+        err.contains("throttled"),
+        "the progress does not say so: {err}"
+    );
+    let rootfs = target_rootfs(&target, &id);
+    fs::write(rootfs.join("check"), "").expect("check");
+    assert!(wait_until(Duration::from_secs(60), || fs::read_to_string(
+        rootfs.join("result")
+    )
+    .is_ok()));
+    assert_eq!(
+        fs::read_to_string(rootfs.join("result")).unwrap_or_default(),
+        "ok 32"
+    );
+    target.m.ok(&["delete", "-f", &id]);
+}

@@ -25,6 +25,7 @@ pub mod source;
 pub mod stats;
 pub mod store;
 pub mod target;
+pub mod throttle;
 
 /// Errors of a migration, one line each.
 #[derive(Debug, thiserror::Error)]

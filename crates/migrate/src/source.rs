@@ -65,6 +65,7 @@ struct Source<'a> {
     buf: Vec<u8>,
     rootfs: PathBuf,
     snapshot: Snapshot,
+    throttle: crate::throttle::Throttle,
 }
 
 /// Prints one progress line on stderr.
@@ -404,6 +405,9 @@ pub async fn migrate_out(root: &StateRoot, opts: &OutOptions) -> Result<Migratio
         buf: Vec::new(),
         rootfs: root.meta(&opts.id).rootfs,
         snapshot: Snapshot::new(),
+        throttle: crate::throttle::Throttle::new(
+            &container.spec().map(|c| c.cgroup_path).unwrap_or_default(),
+        ),
     };
     let procs = src.processes()?;
     let resident: u64 = procs
@@ -431,6 +435,7 @@ pub async fn migrate_out(root: &StateRoot, opts: &OutOptions) -> Result<Migratio
         Ok(dump) => {
             let (thread, _images) = dump;
             end_lazy_dump(thread);
+            src.throttle.release();
             // The target runs the container: remove it here.
             if let Err(e) = lifecycle::delete(root, &opts.id, true) {
                 tracing::error!("delete migrated container {}: {e}", opts.id);
@@ -443,6 +448,7 @@ pub async fn migrate_out(root: &StateRoot, opts: &OutOptions) -> Result<Migratio
         }
         Err((err, thread)) => {
             end_lazy_dump(thread);
+            src.throttle.release();
             let err = src.peer_reason(err).await;
             src.stop_trackers();
             // Thaw the container exactly as it was.
@@ -522,10 +528,32 @@ async fn run_source(
             bandwidth_bps = measured(bandwidth_bps, &fig);
             let estimate_ms = fig.pages_dirtied as f64 * PAGE as f64 / bandwidth_bps * 1000.0;
             progress(&fig, estimate_ms);
+            let dirty_bps = fig.dirty_rate_pages_per_s * PAGE as f64;
+            let previous_dirtied = src.stats.rounds.last().map(|r| r.pages_dirtied);
             src.stats.rounds.push(fig);
             if estimate_ms <= src.opts.max_downtime_ms as f64 / 4.0 || round >= src.opts.max_rounds
             {
                 break;
+            }
+            // Not converging: the workload dirties about as fast as the link
+            // carries (or faster). Cap its CPU one step more.
+            let not_shrinking = previous_dirtied.is_some_and(|p| {
+                round >= 2
+                    && src
+                        .stats
+                        .rounds
+                        .last()
+                        .is_some_and(|r| r.pages_dirtied * 10 >= p * 9)
+            });
+            if dirty_bps > 0.5 * bandwidth_bps || not_shrinking {
+                if let Some(share) = src.throttle.tighten() {
+                    src.stats.throttled = true;
+                    src.stats.throttle_cpu_share = share;
+                    eprintln!(
+                        "round {round:>2}: dirtying faster than the link carries: container throttled to {:.1}% of a CPU",
+                        share * 100.0
+                    );
+                }
             }
         }
         src.stats.precopy_rounds = round + 1;

@@ -56,4 +56,6 @@ pub struct MigrationStats {
     pub bytes_rootfs: u64,
     /// Whether the container was throttled to converge.
     pub throttled: bool,
+    /// The tightest CPU cap applied, as a share of one CPU (0 when not throttled).
+    pub throttle_cpu_share: f64,
 }
