@@ -127,7 +127,11 @@ impl Source<'_> {
             }
             out.push(Proc {
                 host,
-                ns: memory::ns_pid(host)?,
+                ns: match memory::ns_pid(host) {
+                    Ok(ns) => ns,
+                    Err(_) if !alive(host) => continue,
+                    Err(e) => return Err(e),
+                },
             });
         }
         Ok(out)
@@ -175,19 +179,31 @@ impl Source<'_> {
             if self.trackers.contains_key(&proc.host) {
                 continue;
             }
+            // A process may exit at any moment (a shell's short-lived
+            // children do, many times a second): then it is simply skipped.
             let tracker = if track {
-                let mut t = dirty::open_best(proc.host).map_err(|e| {
-                    MigrateError::Source(format!("dirty tracking of process {}: {e}", proc.host))
-                })?;
-                t.start().map_err(|e| {
-                    MigrateError::Source(format!("start dirty tracking of {}: {e}", proc.host))
-                })?;
-                self.stats.dirty_tracking = t.name().to_string();
-                Some(t)
+                let opened = dirty::open_best(proc.host).and_then(|mut t| t.start().map(|_| t));
+                match opened {
+                    Ok(t) => {
+                        self.stats.dirty_tracking = t.name().to_string();
+                        Some(t)
+                    }
+                    Err(_) if !alive(proc.host) => continue,
+                    Err(e) => {
+                        return Err(MigrateError::Source(format!(
+                            "dirty tracking of process {}: {e}",
+                            proc.host
+                        )))
+                    }
+                }
             } else {
                 None
             };
-            let pages = memory::populated_pages(proc.host)?;
+            let pages = match memory::populated_pages(proc.host) {
+                Ok(p) => p,
+                Err(_) if !alive(proc.host) => continue,
+                Err(e) => return Err(e),
+            };
             self.trackers.insert(proc.host, (proc, tracker));
             let (d, z) = self.send_pages(proc, &pages).await?;
             data += d;
@@ -204,7 +220,7 @@ impl Source<'_> {
             match tracker.collect() {
                 Ok(set) => sets.push((*proc, set.pages().collect::<Vec<u64>>())),
                 Err(e) => {
-                    if Path::new(&format!("/proc/{host}")).exists() {
+                    if alive(*host) {
                         return Err(MigrateError::Source(format!(
                             "collect dirty pages of {host}: {e}"
                         )));
@@ -297,6 +313,17 @@ impl Source<'_> {
             }
         }
     }
+}
+
+/// Whether process `pid` still exists and is not a zombie.
+fn alive(pid: i32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|r| !r.trim_start().starts_with(['Z', 'X']))
+        })
+        .unwrap_or(false)
 }
 
 /// Finds this process's CRIU child (`criu swrk`) to end a lazy dump.
