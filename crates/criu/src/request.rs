@@ -60,6 +60,9 @@ pub struct DumpRequest {
     pub externals: Vec<String>,
     /// Freezer cgroup CRIU freezes the tree with (faster than ptrace alone).
     pub freeze_cgroup: Option<String>,
+    /// Skip CRIU's iptables network lock (safe when nothing outside can
+    /// reach the tree's network namespace: it has only loopback).
+    pub network_lock_skip: bool,
 }
 
 /// What to restore and how (runc's `restore` flags).
@@ -94,6 +97,8 @@ pub struct RestoreRequest {
     pub auto_dedup: bool,
     /// Make the restored root task a child of this process (runc does).
     pub rst_sibling: bool,
+    /// Skip CRIU's network unlock (when the dump skipped the lock).
+    pub network_lock_skip: bool,
 }
 
 /// How CRIU treats cgroups (runc's `--manage-cgroups-mode`).
@@ -138,6 +143,23 @@ impl CgroupsMode {
             Self::Props => CgMode::PROPS,
         }
     }
+}
+
+/// Name of the CRIU configuration file migrun writes next to the logs.
+const CONFIG_FILE: &str = "migrun-criu.conf";
+
+/// Points CRIU (through `CRIU_CONFIG_FILE`, which it also reads in RPC mode)
+/// at a configuration without the network lock, or clears it.
+fn configure_network_lock(dir: &Path, skip: bool) -> Result<()> {
+    if skip {
+        let path = dir.join(CONFIG_FILE);
+        std::fs::write(&path, "network-lock skip\n")
+            .map_err(io_err(format!("write {}", path.display())))?;
+        std::env::set_var("CRIU_CONFIG_FILE", &path);
+    } else {
+        std::env::remove_var("CRIU_CONFIG_FILE");
+    }
+    Ok(())
 }
 
 /// Opens a directory for CRIU, keeping the file alive while CRIU runs.
@@ -217,6 +239,10 @@ pub fn dump(bin: &CriuBinary, req: &DumpRequest) -> Result<()> {
     for ext in &req.externals {
         criu.add_external(ext.clone());
     }
+    configure_network_lock(
+        req.work_dir.as_ref().unwrap_or(&req.image_dir),
+        req.network_lock_skip,
+    )?;
     criu.dump().map_err(|e| failed("dump", log, e))
 }
 
@@ -282,6 +308,10 @@ pub fn restore(bin: &CriuBinary, req: &RestoreRequest) -> Result<i32> {
         criu.add_inherit_fd(*fd, key.clone())
             .map_err(|e| CriuError::Unsupported(e.to_string()))?;
     }
+    configure_network_lock(
+        req.work_dir.as_ref().unwrap_or(&req.image_dir),
+        req.network_lock_skip,
+    )?;
     RESTORED_PID.store(0, Ordering::SeqCst);
     criu.restore()
         .map_err(|e| failed("restore", log.clone(), e))?;

@@ -182,6 +182,23 @@ fn external_namespaces(spec: &Spec) -> Vec<(LinuxNamespaceType, PathBuf)> {
     out
 }
 
+/// Marker in an image directory: the dump skipped CRIU's network lock.
+const NETLOCK_SKIPPED: &str = "migrun-netlock-skipped";
+
+/// Whether the network namespace of `pid` has no interface but loopback:
+/// then nothing outside can send it packets and CRIU's network lock (two
+/// iptables runs, ~150 ms of a migration's downtime) protects nothing.
+fn loopback_only(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/net/dev"))
+        .map(|dev| {
+            dev.lines()
+                .skip(2)
+                .filter_map(|l| l.split(':').next())
+                .all(|name| name.trim() == "lo")
+        })
+        .unwrap_or(false)
+}
+
 /// Freezer cgroup directory of a container (cgroup v1).
 fn freezer_dir(container: &Container) -> Option<String> {
     let config = container.spec().ok()?;
@@ -294,6 +311,11 @@ pub fn dump_request(
         RuntimeError::InvalidInput(format!("container {} has no pid", container.id()))
     })?;
     migrun_criu::images::save_descriptors(image_path, pid.as_raw())?;
+    let network_lock_skip = loopback_only(pid.as_raw());
+    if network_lock_skip {
+        fs::write(image_path.join(NETLOCK_SKIPPED), b"")
+            .ctx(|| format!("write {}", image_path.display()))?;
+    }
     let mut externals = Vec::new();
     for (typ, path) in external_namespaces(spec) {
         let meta = fs::metadata(&path).ctx(|| format!("stat namespace {}", path.display()))?;
@@ -325,6 +347,7 @@ pub fn dump_request(
         external_mounts: external_mounts(spec),
         externals,
         freeze_cgroup: freezer_dir(container),
+        network_lock_skip,
     })
 }
 
@@ -538,7 +561,7 @@ pub fn restore(root: &StateRoot, opts: &RestoreOptions) -> Result<Container> {
         }
     }
     let req = RestoreRequest {
-        image_dir: image_path,
+        image_dir: image_path.clone(),
         work_dir: opts.work_path.clone(),
         root: criu_root.clone(),
         external_mounts: external_mount_sources(&spec),
@@ -552,6 +575,7 @@ pub fn restore(root: &StateRoot, opts: &RestoreOptions) -> Result<Container> {
         empty_net_ns: empty_net,
         auto_dedup: opts.auto_dedup,
         rst_sibling: true,
+        network_lock_skip: image_path.join(NETLOCK_SKIPPED).exists(),
     };
     let restored = migrun_criu::restore(&bin, &req);
     back.restore();
