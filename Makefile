@@ -8,7 +8,7 @@ export MIGRUN_BIN
 export PATH := /usr/local/sbin:/usr/local/bin:$(PATH):/root/.cargo/bin
 
 .PHONY: all deps build lint test unit-test e2e-test docker-up docker-down demo \
-        bench bench-runtime bench-checkpoint clean
+        bench bench-runtime bench-checkpoint bench-migrate clean
 
 all: build
 
@@ -40,13 +40,16 @@ test: deps build lint unit-test e2e-test
 demo: build docker-up
 	@bash hack/demo.sh
 
-bench: bench-runtime bench-checkpoint
+bench: bench-runtime bench-checkpoint bench-migrate
 
 bench-runtime: build
 	@bash hack/bench-runtime.sh
 
 bench-checkpoint: build
 	@bash hack/bench-checkpoint.sh
+
+bench-migrate: build
+	@bash hack/bench-migrate.sh
 
 clean:
 	$(CARGO) clean

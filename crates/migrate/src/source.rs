@@ -515,6 +515,7 @@ async fn run_source(
     if precopy {
         // Round 0: everything, then the root filesystem.
         let t = Instant::now();
+        let mut last_collect = t;
         let b0 = traffic.bytes_sent();
         let (data, zero) = src
             .pick_up_new_processes(true)
@@ -523,11 +524,11 @@ async fn run_source(
         src.sync_rootfs().await.map_err(|e| (e, None))?;
         let fig = figures(
             0,
-            data,
-            zero,
+            (data, zero),
             0,
             traffic.bytes_sent() - b0,
             t.elapsed(),
+            Duration::ZERO,
             false,
         );
         bandwidth_bps = measured(bandwidth_bps, &fig);
@@ -537,6 +538,8 @@ async fn run_source(
         loop {
             round += 1;
             let t = Instant::now();
+            let window = t - last_collect;
+            last_collect = t;
             let b0 = traffic.bytes_sent();
             let (dirtied, data, zero) = src.send_dirty().await.map_err(|e| (e, None))?;
             let (nd, nz) = src
@@ -545,11 +548,11 @@ async fn run_source(
                 .map_err(|e| (e, None))?;
             let fig = figures(
                 round,
-                data + nd,
-                zero + nz,
+                (data + nd, zero + nz),
                 dirtied,
                 traffic.bytes_sent() - b0,
                 t.elapsed(),
+                window,
                 false,
             );
             bandwidth_bps = measured(bandwidth_bps, &fig);
@@ -610,10 +613,10 @@ async fn run_source(
     src.sync_rootfs().await.map_err(|e| (e, None))?;
     let fig = figures(
         round + u32::from(precopy),
-        data,
-        zero,
+        (data, zero),
         dirtied,
         traffic.bytes_sent() - b0,
+        t.elapsed(),
         t.elapsed(),
         true,
     );
@@ -691,14 +694,15 @@ async fn run_source(
 /// Figures of one round.
 fn figures(
     round: u32,
-    data: u64,
-    zero: u64,
+    (data, zero): (u64, u64),
     dirtied: u64,
     bytes: u64,
     took: Duration,
+    dirty_window: Duration,
     frozen: bool,
 ) -> RoundFigures {
     let secs = took.as_secs_f64().max(1e-6);
+    let window = dirty_window.as_secs_f64().max(1e-6);
     RoundFigures {
         round,
         pages_sent: data,
@@ -706,7 +710,8 @@ fn figures(
         pages_dirtied: dirtied,
         bytes,
         duration_ms: secs * 1000.0,
-        dirty_rate_pages_per_s: dirtied as f64 / secs,
+        // Pages dirtied since the previous collect, over that time.
+        dirty_rate_pages_per_s: dirtied as f64 / window,
         bandwidth_mbit: bytes as f64 * 8.0 / secs / 1e6,
         frozen,
     }

@@ -35,6 +35,7 @@ pub struct InOptions {
 /// What the target made for one migration, to undo on failure.
 struct Incoming {
     dir: PathBuf,
+    images: PathBuf,
     id: Option<String>,
     restored: bool,
 }
@@ -45,6 +46,7 @@ impl Incoming {
             let _ = lifecycle::delete(root, id, true);
         }
         let _ = fs::remove_dir_all(&self.dir);
+        let _ = fs::remove_dir_all(&self.images);
     }
 }
 
@@ -79,10 +81,18 @@ pub async fn migrate_in(root: &StateRoot, opts: &InOptions) -> Result<()> {
 
 /// Receives one migration; returns the container id once it runs here.
 async fn receive(root: &StateRoot, opts: &InOptions, mut ch: Channel) -> Result<String> {
+    let name = format!("incoming-{}-{}", std::process::id(), unique());
+    // CRIU's images are read once, by the restore in the downtime: keep
+    // them in memory when a tmpfs is at hand.
+    let shm = Path::new("/dev/shm");
+    let images = if shm.is_dir() {
+        shm.join(format!("migrun-{name}"))
+    } else {
+        opts.work_dir.join(&name).join("images")
+    };
     let mut inc = Incoming {
-        dir: opts
-            .work_dir
-            .join(format!("incoming-{}-{}", std::process::id(), unique())),
+        dir: opts.work_dir.join(&name),
+        images,
         id: None,
         restored: false,
     };
@@ -142,7 +152,7 @@ async fn receive_into(
 ) -> Result<String> {
     let bundle = inc.dir.join("bundle");
     let rootfs_dir = bundle.join("rootfs");
-    let image_dir = inc.dir.join("images");
+    let image_dir = inc.images.clone();
     let io =
         |what: &Path, e: std::io::Error| MigrateError::Target(format!("{}: {e}", what.display()));
     fs::create_dir_all(&rootfs_dir).map_err(|e| io(&rootfs_dir, e))?;

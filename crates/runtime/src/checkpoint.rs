@@ -199,6 +199,63 @@ fn loopback_only(pid: i32) -> bool {
         .unwrap_or(false)
 }
 
+/// Marker in an image directory: the network namespace was dumped empty
+/// (it had only loopback and no sockets); restore brings loopback up.
+const NETNS_EMPTIED: &str = "migrun-netns-emptied";
+
+/// Whether the network namespace of `pid` holds no inet socket at all, so
+/// that nothing in it depends on its (loopback-only) state.
+fn no_inet_sockets(pid: i32) -> bool {
+    ["tcp", "tcp6", "udp", "udp6", "raw", "raw6"]
+        .iter()
+        .all(|t| {
+            std::fs::read_to_string(format!("/proc/{pid}/net/{t}"))
+                .map(|text| text.lines().skip(1).all(|l| l.trim().is_empty()))
+                .unwrap_or(true)
+        })
+}
+
+/// Sets loopback up in the network namespace of `pid` (what a fresh
+/// namespace lacks and a loopback-only container had).
+fn loopback_up(pid: i32) -> Result<()> {
+    let ns = fs::File::open(format!("/proc/{pid}/ns/net"))
+        .ctx(|| format!("open network namespace of {pid}"))?;
+    // setns changes only the calling thread: do it in a thread of its own.
+    std::thread::spawn(move || -> std::io::Result<()> {
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(std::io::Error::from)?;
+        // SAFETY: plain socket(2) call; the descriptor is closed below.
+        let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if sock < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: ifreq is plain old data; zeroed is a valid value.
+        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+            *dst = *src as libc::c_char;
+        }
+        // SAFETY: `sock` is a valid socket and `req` a valid ifreq for these ioctls.
+        let result = unsafe {
+            if libc::ioctl(sock, libc::SIOCGIFFLAGS, &mut req) < 0 {
+                -1
+            } else {
+                req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+                libc::ioctl(sock, libc::SIOCSIFFLAGS, &req)
+            }
+        };
+        let err = std::io::Error::last_os_error();
+        // SAFETY: `sock` is ours and closed once.
+        unsafe { libc::close(sock) };
+        if result < 0 {
+            return Err(err);
+        }
+        Ok(())
+    })
+    .join()
+    .map_err(|_| RuntimeError::InvalidInput("loopback thread panicked".into()))?
+    .ctx(|| format!("set loopback up in the network namespace of {pid}"))
+}
+
 /// Freezer cgroup directory of a container (cgroup v1).
 fn freezer_dir(container: &Container) -> Option<String> {
     let config = container.spec().ok()?;
@@ -287,7 +344,18 @@ pub fn checkpoint(root: &StateRoot, opts: &CheckpointOptions) -> Result<()> {
         return pre_dump(&bin, pid, &image_path, opts);
     }
     let req = dump_request(root, &container, &spec, &image_path, opts)?;
-    migrun_criu::dump(&bin, &req)?;
+    // Freeze first: CRIU freezes a cgroup by polling its state every 100 ms,
+    // the freezer itself takes microseconds. CRIU leaves a cgroup it found
+    // frozen as it was, so thawing is ours.
+    let was_running = container.status() == ContainerStatus::Running;
+    if was_running {
+        lifecycle::pause(root, &opts.id)?;
+    }
+    let dumped = migrun_criu::dump(&bin, &req);
+    if was_running && (dumped.is_err() || opts.leave_running) {
+        lifecycle::resume(root, &opts.id)?;
+    }
+    dumped?;
     if !opts.leave_running {
         // The processes are gone; remove the container as runc does.
         container
@@ -316,6 +384,17 @@ pub fn dump_request(
         fs::write(image_path.join(NETLOCK_SKIPPED), b"")
             .ctx(|| format!("write {}", image_path.display()))?;
     }
+    // A private loopback-only namespace without sockets carries no state
+    // worth dumping (runc always dumps it empty): dump it empty, and have
+    // restore bring loopback up. Saves CRIU's ip/iptables/nft runs.
+    let own_netns = !external_namespaces(spec)
+        .iter()
+        .any(|(t, _)| *t == LinuxNamespaceType::Network);
+    let empty_netns = network_lock_skip && own_netns && no_inet_sockets(pid.as_raw());
+    if empty_netns {
+        fs::write(image_path.join(NETNS_EMPTIED), b"")
+            .ctx(|| format!("write {}", image_path.display()))?;
+    }
     let mut externals = Vec::new();
     for (typ, path) in external_namespaces(spec) {
         let meta = fs::metadata(&path).ctx(|| format!("stat namespace {}", path.display()))?;
@@ -341,7 +420,7 @@ pub fn dump_request(
         lazy_pages: opts.lazy_pages,
         status_fd: opts.status_fd,
         cgroups_mode: cgroups_mode(&opts.manage_cgroups_mode)?,
-        empty_net_ns: empty_net_ns(&opts.empty_ns)?,
+        empty_net_ns: empty_net_ns(&opts.empty_ns)? || empty_netns,
         auto_dedup: opts.auto_dedup,
         root: root.meta(container.id()).rootfs,
         external_mounts: external_mounts(spec),
@@ -452,7 +531,9 @@ pub fn restore(root: &StateRoot, opts: &RestoreOptions) -> Result<Container> {
     let descriptors = migrun_criu::images::load_descriptors(&image_path)?;
     let bin = criu_binary(&opts.criu)?;
     let mode = cgroups_mode(&opts.manage_cgroups_mode)?;
-    let empty_net = empty_net_ns(&opts.empty_ns)?;
+    let emptied = migrun_criu::images::check_image_dir(&opts.image_path).is_ok()
+        && opts.image_path.join(NETNS_EMPTIED).exists();
+    let empty_net = empty_net_ns(&opts.empty_ns)? || emptied;
 
     let dir = root.container_dir(&opts.id);
     fs::create_dir_all(&dir).ctx(|| format!("create {}", dir.display()))?;
@@ -589,6 +670,11 @@ pub fn restore(root: &StateRoot, opts: &RestoreOptions) -> Result<Container> {
     };
     let _ = umount2(&criu_root, MntFlags::MNT_DETACH);
     let _ = fs::remove_dir(&criu_root);
+    if emptied {
+        if let Err(e) = loopback_up(pid) {
+            tracing::warn!("{e}");
+        }
+    }
 
     let mut container =
         Container::new(&opts.id, ContainerStatus::Running, Some(pid), &bundle, &dir)

@@ -258,9 +258,38 @@ pub fn delete(root: &StateRoot, id: &str, force: bool) -> Result<()> {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
     }
+    let cgroup_path = container.spec().ok().map(|c| c.cgroup_path);
     container
         .delete(force)
-        .ctx(|| format!("delete container {id}"))
+        .ctx(|| format!("delete container {id}"))?;
+    if let Some(path) = cgroup_path {
+        remove_empty_migrun_parent(&path);
+    }
+    Ok(())
+}
+
+/// Removes the `/migrun-<tag>` parent cgroup that `migrate-in` puts
+/// containers under, once its last container is gone (rmdir fails while
+/// it still has children, which is what keeps the others).
+fn remove_empty_migrun_parent(cgroup_path: &Path) {
+    let Some(parent) = cgroup_path.parent() else {
+        return;
+    };
+    // Exactly `/migrun-` and 8 hex digits, as migrate-in names them.
+    let is_ours = parent.file_name().is_some_and(|n| {
+        n.to_string_lossy()
+            .strip_prefix("migrun-")
+            .is_some_and(|tag| tag.len() == 8 && tag.chars().all(|c| c.is_ascii_hexdigit()))
+    }) && parent.parent() == Some(Path::new("/"));
+    if !is_ours {
+        return;
+    }
+    let rel = parent.to_string_lossy().trim_start_matches('/').to_string();
+    if let Ok(hierarchies) = fs::read_dir("/sys/fs/cgroup") {
+        for h in hierarchies.flatten() {
+            let _ = fs::remove_dir(h.path().join(&rel));
+        }
+    }
 }
 
 /// The cgroup manager of a container.
