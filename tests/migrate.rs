@@ -496,3 +496,91 @@ fn workload_dirtying_faster_than_the_link_is_throttled_and_completes() {
     );
     target.m.ok(&["delete", "-f", &id]);
 }
+
+#[test]
+fn target_killed_during_the_final_phase_leaves_source_running() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let key = key(dir.path());
+    // A CRIU on the target that is slow to start restoring: time to kill the target then.
+    let slow = dir.path().join("criu");
+    fs::write(
+        &slow,
+        "#!/bin/sh\n[ \"$1\" = swrk ] && sleep 3\nexec /usr/local/sbin/criu \"$@\"\n",
+    )
+    .expect("w");
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&slow, fs::Permissions::from_mode(0o755)).expect("chmod");
+    let (src, id, b) = running_counter("mig-final");
+    let work = tempfile::tempdir().expect("tmp");
+    let work_path = work.path().to_path_buf();
+    let mut target = Target::start_with(&key, &["--criu", path(&slow)], Some(work));
+    let pid = target.child.id();
+    let log = target.log.clone();
+    let killer = std::thread::spawn(move || {
+        let restoring = wait_until(Duration::from_secs(60), || {
+            fs::read_to_string(&log)
+                .map(|l| l.contains("restoring"))
+                .unwrap_or(false)
+        });
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        restoring
+    });
+    let (ok, err, _) = migrate_out(&src, &id, &target, &key, &[]);
+    assert!(
+        killer.join().expect("killer"),
+        "the target never reached the final phase: {}",
+        target.log()
+    );
+    assert!(
+        !ok,
+        "migration succeeded although the target died in the final phase"
+    );
+    assert!(err.contains("migrun:"), "{err}");
+    let _ = target.finish();
+    assert_source_intact(&src, &id, &b);
+    // A new migrate-in on the same root and work directory removes what the killed one left.
+    std::thread::sleep(Duration::from_secs(3));
+    let again_log = dir.path().join("again.log");
+    let mut again = target
+        .m
+        .command()
+        .args(["migrate-in", "--listen", "127.0.0.1:0", "--once", "--key"])
+        .arg(&key)
+        .arg("--work-dir")
+        .arg(&work_path)
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(&again_log).expect("log"))
+        .spawn()
+        .expect("migrate-in");
+    // It cleans up before it listens.
+    let listening = wait_until(Duration::from_secs(10), || {
+        fs::read_to_string(&again_log)
+            .map(|l| l.contains("listening"))
+            .unwrap_or(false)
+    });
+    let _ = again.kill();
+    let _ = again.wait();
+    assert!(
+        listening,
+        "{}",
+        fs::read_to_string(&again_log).unwrap_or_default()
+    );
+    assert!(target.m.ok(&["list", "-q"]).is_empty());
+    let left: Vec<_> = fs::read_dir(&work_path)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "target left {left:?}");
+    let left_root: Vec<_> = fs::read_dir(target.m.root())
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name())
+                .filter(|n| n != ".migrun-exe")
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(left_root.is_empty(), "target root left {left_root:?}");
+    src.ok(&["delete", "-f", &id]);
+}

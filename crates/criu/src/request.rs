@@ -99,6 +99,9 @@ pub struct RestoreRequest {
     pub rst_sibling: bool,
     /// Skip CRIU's network unlock (when the dump skipped the lock).
     pub network_lock_skip: bool,
+    /// Leave the restored tasks stopped (SIGSTOP): the caller resumes them
+    /// once it knows they may run (a migration's commit).
+    pub leave_stopped: bool,
 }
 
 /// How CRIU treats cgroups (runc's `--manage-cgroups-mode`).
@@ -148,17 +151,18 @@ impl CgroupsMode {
 /// Name of the CRIU configuration file migrun writes next to the logs.
 const CONFIG_FILE: &str = "migrun-criu.conf";
 
-/// Points CRIU (through `CRIU_CONFIG_FILE`, which it also reads in RPC mode)
-/// at a configuration without the network lock, or clears it.
-fn configure_network_lock(dir: &Path, skip: bool) -> Result<()> {
-    if skip {
-        let path = dir.join(CONFIG_FILE);
-        std::fs::write(&path, "network-lock skip\n")
-            .map_err(io_err(format!("write {}", path.display())))?;
-        std::env::set_var("CRIU_CONFIG_FILE", &path);
-    } else {
+/// Passes CRIU options rust-criu's RPC request cannot carry, through
+/// `CRIU_CONFIG_FILE` (which CRIU also reads in RPC mode; options the
+/// request sets still win), or clears it when there are none.
+fn configure(dir: &Path, lines: &[&str]) -> Result<()> {
+    if lines.is_empty() {
         std::env::remove_var("CRIU_CONFIG_FILE");
+        return Ok(());
     }
+    let path = dir.join(CONFIG_FILE);
+    std::fs::write(&path, lines.join("\n") + "\n")
+        .map_err(io_err(format!("write {}", path.display())))?;
+    std::env::set_var("CRIU_CONFIG_FILE", &path);
     Ok(())
 }
 
@@ -239,10 +243,12 @@ pub fn dump(bin: &CriuBinary, req: &DumpRequest) -> Result<()> {
     for ext in &req.externals {
         criu.add_external(ext.clone());
     }
-    configure_network_lock(
-        req.work_dir.as_ref().unwrap_or(&req.image_dir),
-        req.network_lock_skip,
-    )?;
+    let lines: &[&str] = if req.network_lock_skip {
+        &["network-lock skip"]
+    } else {
+        &[]
+    };
+    configure(req.work_dir.as_ref().unwrap_or(&req.image_dir), lines)?;
     criu.dump().map_err(|e| failed("dump", log, e))
 }
 
@@ -308,10 +314,14 @@ pub fn restore(bin: &CriuBinary, req: &RestoreRequest) -> Result<i32> {
         criu.add_inherit_fd(*fd, key.clone())
             .map_err(|e| CriuError::Unsupported(e.to_string()))?;
     }
-    configure_network_lock(
-        req.work_dir.as_ref().unwrap_or(&req.image_dir),
-        req.network_lock_skip,
-    )?;
+    let mut lines = Vec::new();
+    if req.network_lock_skip {
+        lines.push("network-lock skip");
+    }
+    if req.leave_stopped {
+        lines.push("leave-stopped");
+    }
+    configure(req.work_dir.as_ref().unwrap_or(&req.image_dir), &lines)?;
     RESTORED_PID.store(0, Ordering::SeqCst);
     criu.restore()
         .map_err(|e| failed("restore", log.clone(), e))?;

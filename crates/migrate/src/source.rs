@@ -460,14 +460,26 @@ pub async fn migrate_out(root: &StateRoot, opts: &OutOptions) -> Result<Migratio
     let result = run_source(&mut src, &spec).await;
     match result {
         Ok(dump) => {
-            let (thread, _images) = dump;
+            let (thread, _images, freeze) = dump;
+            let freeze_started = Some(freeze);
             end_lazy_dump(thread);
             src.throttle.release();
-            // The target runs the container: remove it here.
+            // The target holds the container, stopped: remove it here, then
+            // let the target run it and wait until it does.
             if let Err(e) = lifecycle::delete(root, &opts.id, true) {
                 tracing::error!("delete migrated container {}: {e}", opts.id);
             }
-            let _ = src.ch.send(&Message::Done).await;
+            src.ch.send(&Message::Done).await?;
+            let running = tokio::time::timeout(Duration::from_secs(30), src.replies.recv()).await;
+            if !matches!(running, Ok(Some(Ok(Message::Ack)))) {
+                return Err(MigrateError::Peer(format!(
+                    "container {} was handed over but the target did not confirm it runs",
+                    opts.id
+                )));
+            }
+            src.stats.downtime_ms = freeze_started
+                .map(|f| f.elapsed().as_secs_f64() * 1000.0)
+                .unwrap_or(src.stats.downtime_ms);
             src.stats.total_ms = started.elapsed().as_secs_f64() * 1000.0;
             src.stats.bytes_total = traffic.bytes_total();
             let _ = fs::remove_dir_all(opts.work_dir.join(&opts.id));
@@ -503,7 +515,7 @@ type DumpThread = Option<std::thread::JoinHandle<()>>;
 async fn run_source(
     src: &mut Source<'_>,
     spec: &oci_spec::runtime::Spec,
-) -> std::result::Result<(DumpThread, PathBuf), (MigrateError, DumpThread)> {
+) -> std::result::Result<(DumpThread, PathBuf, Instant), (MigrateError, DumpThread)> {
     let traffic = src.ch.traffic();
     let precopy = !src.opts.no_precopy;
     let mut round = 0u32;
@@ -688,7 +700,7 @@ async fn run_source(
     }
     src.stats.downtime_ms = freeze.elapsed().as_secs_f64() * 1000.0;
     src.stats.bytes_downtime = traffic.bytes_total() - at_freeze;
-    Ok((Some(thread), images))
+    Ok((Some(thread), images, freeze))
 }
 
 /// Figures of one round.

@@ -50,8 +50,68 @@ impl Incoming {
     }
 }
 
+/// Whether process `pid` still runs.
+fn pid_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// The pid in an `incoming-<pid>-<nonce>` name.
+fn owner_pid(name: &str) -> Option<u32> {
+    name.strip_prefix("incoming-")
+        .or_else(|| name.strip_prefix("migrun-incoming-"))
+        .and_then(|rest| rest.split('-').next())
+        .and_then(|p| p.parse().ok())
+}
+
+/// Removes what a migrate-in that was killed mid-migration left: its
+/// incoming directories, its images, and a container it had restored
+/// (stopped, never released by the source).
+fn clean_stale(root: &StateRoot, opts: &InOptions) {
+    let stale = |dir: &Path| -> Vec<PathBuf> {
+        fs::read_dir(dir)
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| {
+                        owner_pid(&e.file_name().to_string_lossy()).is_some_and(|p| !pid_alive(p))
+                    })
+                    .map(|e| e.path())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let dirs = stale(&opts.work_dir);
+    // A restore that was interrupted: a state directory without state.json,
+    // holding the bind mount CRIU restores the root from.
+    if let Ok(entries) = fs::read_dir(root.path()) {
+        for e in entries.flatten() {
+            let dir = e.path();
+            let criu_root = dir.join("criu-root");
+            if criu_root.exists() && !dir.join("state.json").exists() {
+                let _ = nix::mount::umount2(&criu_root, nix::mount::MntFlags::MNT_DETACH);
+                let _ = fs::remove_dir_all(&dir);
+            }
+        }
+    }
+    if let Ok(ids) = root.ids() {
+        for id in ids {
+            if let Ok(c) = root.load(&id) {
+                if dirs.iter().any(|d| c.bundle().starts_with(d)) {
+                    eprintln!(
+                        "migrate-in: removing container {id} left by an interrupted migration"
+                    );
+                    let _ = lifecycle::delete(root, &id, true);
+                }
+            }
+        }
+    }
+    for d in dirs.into_iter().chain(stale(Path::new("/dev/shm"))) {
+        let _ = fs::remove_dir_all(d);
+    }
+}
+
 /// Serves migrations on `opts.listen`; returns after one with `--once`.
 pub async fn migrate_in(root: &StateRoot, opts: &InOptions) -> Result<()> {
+    clean_stale(root, opts);
     let key = migrun_wire::load_key(&opts.key)?;
     let listener = tokio::net::TcpListener::bind(&opts.listen)
         .await
@@ -233,6 +293,7 @@ async fn receive_into(
                     return Err(MigrateError::Protocol("commit before start".into()));
                 }
                 let t = Instant::now();
+                eprintln!("migrate-in: restoring {id}");
                 let filled = images::complete_images(&image_dir, &store)?;
                 drop(std::mem::take(&mut store));
                 tracing::info!(filled, "images completed");
@@ -244,6 +305,9 @@ async fn receive_into(
                         image_path: image_dir.clone(),
                         tcp_established: true,
                         criu: opts.criu.clone(),
+                        // Stopped until the source has let go of its copy:
+                        // never two running copies.
+                        leave_stopped: true,
                         ..Default::default()
                     },
                 )?;
@@ -255,8 +319,23 @@ async fn receive_into(
                 ch.send(&Message::Ack).await?;
                 // The images are no longer needed; the bundle stays: it is the container's.
                 let _ = fs::remove_dir_all(&image_dir);
-                // The source removes its copy, then says Done.
-                let _ = ch.recv().await;
+                // The source removes its copy, then says Done: only then does
+                // ours run. Without Done the source kept (or got back) its copy.
+                match ch.recv().await {
+                    Ok(Message::Done) => {}
+                    Ok(other) => {
+                        return Err(MigrateError::Protocol(format!(
+                            "expected Done, got {other:?}"
+                        )))
+                    }
+                    Err(e) => {
+                        return Err(MigrateError::Peer(format!(
+                            "source gone before it released the container: {e}"
+                        )))
+                    }
+                }
+                checkpoint::continue_container(root, &id)?;
+                let _ = ch.send(&Message::Ack).await;
                 return Ok(id);
             }
             Message::Abort { reason } => {

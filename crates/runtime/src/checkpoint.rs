@@ -99,6 +99,17 @@ pub struct RestoreOptions {
     pub auto_dedup: bool,
     /// The CRIU binary asked for (`--criu`).
     pub criu: PathBuf,
+    /// Leave the restored processes stopped until [`continue_container`].
+    pub leave_stopped: bool,
+}
+
+/// Resumes the processes of a container restored with `leave_stopped`.
+pub fn continue_container(root: &StateRoot, id: &str) -> Result<()> {
+    let container = root.load(id)?;
+    for pid in lifecycle::container_pids(&container)? {
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT);
+    }
+    Ok(())
 }
 
 /// Whether the spec mounts cgroupfs inside the container.
@@ -657,6 +668,7 @@ pub fn restore(root: &StateRoot, opts: &RestoreOptions) -> Result<Container> {
         auto_dedup: opts.auto_dedup,
         rst_sibling: true,
         network_lock_skip: image_path.join(NETLOCK_SKIPPED).exists(),
+        leave_stopped: opts.leave_stopped,
     };
     let restored = migrun_criu::restore(&bin, &req);
     back.restore();

@@ -58,6 +58,7 @@ pub fn restore(root: &StateRoot, args: &RestoreArgs, criu: &Path) -> Result<i32>
         empty_ns: c.empty_ns.clone(),
         auto_dedup: c.auto_dedup,
         criu: criu.to_path_buf(),
+        leave_stopped: false,
     };
     let signals = if args.detach {
         None
