@@ -181,14 +181,20 @@ fn failed(action: &'static str, log: PathBuf, err: rust_criu::CriuError) -> Criu
     }
 }
 
-/// Dumps the process tree of `req.pid` with CRIU.
-pub fn dump(bin: &CriuBinary, req: &DumpRequest) -> Result<()> {
-    let _span = tracing::info_span!("criu_dump", pid = req.pid).entered();
+/// A CRIU client pointed at the image and work directories, logging to
+/// `log_name`; returns it with the open directories (keep them until CRIU
+/// is done) and the log's path.
+fn session(
+    bin: &CriuBinary,
+    image_dir: &Path,
+    work_dir: Option<&Path>,
+    log_name: &str,
+) -> Result<(rust_criu::Criu, (File, Option<File>), PathBuf)> {
     let mut criu = rust_criu::Criu::new_with_criu_path(bin.path.to_string_lossy().into_owned())
         .map_err(|e| CriuError::Unsupported(e.to_string()))?;
-    let images = open_dir(&req.image_dir)?;
+    let images = open_dir(image_dir)?;
     criu.set_images_dir_fd(images.as_raw_fd());
-    let work = match &req.work_dir {
+    let work = match work_dir {
         Some(w) => {
             crate::images::ensure_writable_dir(w)?;
             Some(open_dir(w)?)
@@ -198,13 +204,16 @@ pub fn dump(bin: &CriuBinary, req: &DumpRequest) -> Result<()> {
     if let Some(w) = &work {
         criu.set_work_dir_fd(w.as_raw_fd());
     }
-    let log = req
-        .work_dir
-        .as_ref()
-        .unwrap_or(&req.image_dir)
-        .join(DUMP_LOG);
-    criu.set_log_file(DUMP_LOG.to_string());
+    criu.set_log_file(log_name.to_string());
     criu.set_log_level(LOG_LEVEL);
+    let log = work_dir.unwrap_or(image_dir).join(log_name);
+    Ok((criu, (images, work), log))
+}
+
+/// Dumps the process tree of `req.pid` with CRIU.
+pub fn dump(bin: &CriuBinary, req: &DumpRequest) -> Result<()> {
+    let _span = tracing::info_span!("criu_dump", pid = req.pid).entered();
+    let (mut criu, _dirs, log) = session(bin, &req.image_dir, req.work_dir.as_deref(), DUMP_LOG)?;
     criu.set_pid(req.pid);
     criu.set_root(req.root.to_string_lossy().into_owned());
     criu.set_leave_running(req.leave_running);
@@ -266,27 +275,8 @@ fn on_notify(script: &str, notify: &Criu_notify, _fd: Option<RawFd>) -> i32 {
 /// Restores a process tree with CRIU and returns the pid of its root task.
 pub fn restore(bin: &CriuBinary, req: &RestoreRequest) -> Result<i32> {
     let _span = tracing::info_span!("criu_restore").entered();
-    let mut criu = rust_criu::Criu::new_with_criu_path(bin.path.to_string_lossy().into_owned())
-        .map_err(|e| CriuError::Unsupported(e.to_string()))?;
-    let images = open_dir(&req.image_dir)?;
-    criu.set_images_dir_fd(images.as_raw_fd());
-    let work = match &req.work_dir {
-        Some(w) => {
-            crate::images::ensure_writable_dir(w)?;
-            Some(open_dir(w)?)
-        }
-        None => None,
-    };
-    if let Some(w) = &work {
-        criu.set_work_dir_fd(w.as_raw_fd());
-    }
-    let log = req
-        .work_dir
-        .as_ref()
-        .unwrap_or(&req.image_dir)
-        .join(RESTORE_LOG);
-    criu.set_log_file(RESTORE_LOG.to_string());
-    criu.set_log_level(LOG_LEVEL);
+    let (mut criu, _dirs, log) =
+        session(bin, &req.image_dir, req.work_dir.as_deref(), RESTORE_LOG)?;
     criu.set_root(req.root.to_string_lossy().into_owned());
     criu.set_tcp_established(req.tcp_established);
     criu.set_ext_unix_sk(req.ext_unix_sk);

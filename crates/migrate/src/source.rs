@@ -315,13 +315,17 @@ impl Source<'_> {
     }
 }
 
-/// Whether process `pid` still exists and is not a zombie.
+/// Whether process `pid` still exists with its memory: not a zombie, and
+/// not in the middle of exiting (an exiting process has already dropped its
+/// mm while /proc still shows it running; /proc/PID/status then has no VmSize).
 fn alive(pid: i32) -> bool {
-    fs::read_to_string(format!("/proc/{pid}/stat"))
+    fs::read_to_string(format!("/proc/{pid}/status"))
         .map(|s| {
-            s.rsplit(')')
-                .next()
-                .is_some_and(|r| !r.trim_start().starts_with(['Z', 'X']))
+            s.contains("\nVmSize:")
+                && !s
+                    .lines()
+                    .find_map(|l| l.strip_prefix("State:"))
+                    .is_some_and(|st| st.trim_start().starts_with(['Z', 'X']))
         })
         .unwrap_or(false)
 }
