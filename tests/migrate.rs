@@ -47,6 +47,7 @@ struct Target {
     addr: String,
     work: tempfile::TempDir,
     log: PathBuf,
+    _log_dir: tempfile::TempDir,
 }
 
 impl Target {
@@ -58,10 +59,9 @@ impl Target {
         let m = Migrun::new();
         let addr = format!("127.0.0.1:{}", port());
         let work = work.unwrap_or_else(|| tempfile::tempdir().expect("tmp"));
-        let log = work.path().join("..").join(format!(
-            "migrate-in-{}.log",
-            unique_id(&addr.replace([':', '.'], "-"))
-        ));
+        // The log lives outside the work directory, whose contents the tests check.
+        let log_dir = tempfile::tempdir().expect("tmp");
+        let log = log_dir.path().join("migrate-in.log");
         let logf = fs::File::create(&log).expect("log");
         let child = m
             .command()
@@ -87,6 +87,7 @@ impl Target {
             addr,
             work,
             log,
+            _log_dir: log_dir,
         }
     }
 
