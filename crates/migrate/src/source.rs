@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::Read;
+use std::io::{IsTerminal, Read};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -66,12 +66,20 @@ struct Source<'a> {
     rootfs: PathBuf,
     snapshot: Snapshot,
     throttle: crate::throttle::Throttle,
+    /// Progress bar on a terminal: pages expected this round, pages sent so far.
+    bar: Option<(u64, u64)>,
 }
 
 /// Prints one progress line on stderr.
 fn progress(r: &RoundFigures, estimate_ms: f64) {
+    // On a terminal the round's bar is on this line: clear it first.
+    let clear = if std::io::stderr().is_terminal() {
+        "\r\x1b[2K"
+    } else {
+        ""
+    };
     eprintln!(
-        "round {:>2}{}: sent {} pages ({} zero), dirtied {} pages, {:.0} pages/s dirty rate, {:.0} Mbit/s, est. downtime {:.0} ms",
+        "{clear}round {:>2}{}: sent {} pages ({} zero), dirtied {} pages, {:.0} pages/s dirty rate, {:.0} Mbit/s, est. downtime {:.0} ms",
         r.round,
         if r.frozen { " (frozen)" } else { "" },
         r.pages_sent,
@@ -84,6 +92,30 @@ fn progress(r: &RoundFigures, estimate_ms: f64) {
 }
 
 impl Source<'_> {
+    /// Starts a round's progress bar (on a terminal only).
+    fn start_bar(&mut self, expected_pages: u64) {
+        self.bar = std::io::stderr()
+            .is_terminal()
+            .then_some((expected_pages.max(1), 0));
+    }
+
+    /// Moves the bar by `pages` and redraws it.
+    fn advance_bar(&mut self, pages: u64) {
+        if let Some((total, done)) = &mut self.bar {
+            *done += pages;
+            let frac = (*done as f64 / *total as f64).min(1.0);
+            let filled = (frac * 40.0) as usize;
+            eprint!(
+                "\r[{}{}] {:>3.0}% {}/{} pages",
+                "#".repeat(filled),
+                "-".repeat(40 - filled),
+                frac * 100.0,
+                done,
+                total
+            );
+        }
+    }
+
     /// After a failure, the target's own account of it if it sent one
     /// (a send fails with a broken pipe when the target gave up first).
     async fn peer_reason(&mut self, err: MigrateError) -> MigrateError {
@@ -145,6 +177,7 @@ impl Source<'_> {
         };
         let (mut data, mut zero) = (0, 0);
         for (addr, n) in memory::runs(pages, RUN_PAGES) {
+            self.advance_bar(n as u64);
             let mut buf = std::mem::take(&mut self.buf);
             if let Some(bytes) = reader.read(addr, n, &mut buf) {
                 let s = self.ch.send_pages(proc.ns, addr, bytes).await?;
@@ -229,6 +262,7 @@ impl Source<'_> {
             }
         }
         let (mut dirtied, mut data, mut zero) = (0, 0, 0);
+        self.start_bar(sets.iter().map(|(_, p)| p.len() as u64).sum());
         for (proc, pages) in sets {
             dirtied += pages.len() as u64;
             let (d, z) = self.send_pages(proc, &pages).await?;
@@ -436,6 +470,7 @@ pub async fn migrate_out(root: &StateRoot, opts: &OutOptions) -> Result<Migratio
         buf: Vec::new(),
         rootfs: root.meta(&opts.id).rootfs,
         snapshot: Snapshot::new(),
+        bar: None,
         throttle: crate::throttle::Throttle::new(
             &container.spec().map(|c| c.cgroup_path).unwrap_or_default(),
         ),
@@ -461,6 +496,7 @@ pub async fn migrate_out(root: &StateRoot, opts: &OutOptions) -> Result<Migratio
         })
         .await?;
 
+    src.start_bar(resident);
     let result = run_source(&mut src, &spec).await;
     match result {
         Ok(dump) => {
