@@ -5,15 +5,13 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use migrun_tests::{processes_rooted_at, unique_id, wait_until, Bundle, Migrun, NetPair};
-
-/// A shell loop writing an increasing counter to /count every 50 ms.
-const COUNTER: &str = "i=0; while true; do i=$((i+1)); echo $i > /count; sleep 0.05; done";
+use migrun_tests::{
+    check_memory, counter_at, processes_rooted_at, unique_id, wait_until, Bundle, Migrun, NetPair,
+    COUNTER,
+};
 
 fn counter(b: &Bundle) -> u64 {
-    b.read("count")
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(0)
+    counter_at(&b.rootfs())
 }
 
 fn path(p: &std::path::Path) -> &str {
@@ -172,14 +170,7 @@ fn memory_pattern_of_256_mib_is_intact_after_restore() {
     assert!(wait_until(Duration::from_secs(30), || b
         .read("ready")
         .is_some()));
-    let check = |b: &Bundle| {
-        let _ = fs::remove_file(b.rootfs().join("result"));
-        fs::write(b.rootfs().join("check"), "").expect("request check");
-        assert!(wait_until(Duration::from_secs(30), || b
-            .read("result")
-            .is_some()));
-        b.read("result").unwrap_or_default()
-    };
+    let check = |b: &Bundle| check_memory(&b.rootfs(), "", Duration::from_secs(30));
     assert_eq!(check(&b), "ok 256", "pattern broken before checkpoint");
     m.ok_quiet(&["checkpoint", "--image-path", path(images.path()), &id]);
     m.ok_quiet(&[

@@ -7,10 +7,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Duration;
 
-use migrun_tests::{migrun_bin, unique_id, wait_until, Bundle, Migrun};
-
-/// A shell loop writing an increasing counter to /count every 50 ms.
-const COUNTER: &str = "i=0; while true; do i=$((i+1)); echo $i > /count; sleep 0.05; done";
+use migrun_tests::{
+    check_memory, counter_at, migrun_bin, unique_id, wait_until, Bundle, Migrun, COUNTER,
+};
 
 static PORT: AtomicU16 = AtomicU16::new(0);
 
@@ -159,10 +158,7 @@ fn migrate_out(
 }
 
 fn counter(rootfs: &Path) -> u64 {
-    fs::read_to_string(rootfs.join("count"))
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(0)
+    counter_at(rootfs)
 }
 
 /// The target-side rootfs of a migrated container.
@@ -268,15 +264,7 @@ fn memory_of_512_mib_dirtied_container_arrives_with_little_downtime_traffic() {
     );
     // The memory is consistent on the target: every page matches its version.
     let rootfs = target_rootfs(&target, &id);
-    fs::write(rootfs.join("check"), "").expect("check");
-    assert!(wait_until(Duration::from_secs(60), || fs::read_to_string(
-        rootfs.join("result")
-    )
-    .is_ok()));
-    assert_eq!(
-        fs::read_to_string(rootfs.join("result")).unwrap_or_default(),
-        "ok 512"
-    );
+    assert_eq!(check_memory(&rootfs, "", Duration::from_secs(60)), "ok 512");
     target.m.ok(&["delete", "-f", &id]);
 }
 
@@ -299,16 +287,10 @@ fn parent_and_child_memory_both_arrive() {
     assert!(target.finish(), "{}", target.log());
     let rootfs = target_rootfs(&target, &id);
     for role in ["parent", "child"] {
-        fs::write(rootfs.join(format!("check-{role}")), "").expect("check");
-        let result = rootfs.join(format!("result-{role}"));
-        assert!(
-            wait_until(Duration::from_secs(30), || result.exists()),
-            "{role} did not answer"
-        );
         assert_eq!(
-            fs::read_to_string(&result).unwrap_or_default(),
+            check_memory(&rootfs, &format!("-{role}"), Duration::from_secs(30)),
             "ok 64",
-            "{role}"
+            "{role} did not answer, or its memory differs"
         );
     }
     target.m.ok(&["delete", "-f", &id]);
@@ -386,11 +368,10 @@ fn target_killed_during_precopy_leaves_source_running() {
     );
     let _ = target.finish();
     assert_eq!(src.status(&id), "running");
-    fs::write(b.rootfs().join("check"), "").expect("check");
-    assert!(wait_until(Duration::from_secs(60), || b
-        .read("result")
-        .is_some()));
-    assert_eq!(b.read("result").unwrap_or_default(), "ok 256");
+    assert_eq!(
+        check_memory(&b.rootfs(), "", Duration::from_secs(60)),
+        "ok 256"
+    );
     src.ok(&["delete", "-f", &id]);
 }
 
@@ -486,15 +467,7 @@ fn workload_dirtying_faster_than_the_link_is_throttled_and_completes() {
         "the progress does not say so: {err}"
     );
     let rootfs = target_rootfs(&target, &id);
-    fs::write(rootfs.join("check"), "").expect("check");
-    assert!(wait_until(Duration::from_secs(60), || fs::read_to_string(
-        rootfs.join("result")
-    )
-    .is_ok()));
-    assert_eq!(
-        fs::read_to_string(rootfs.join("result")).unwrap_or_default(),
-        "ok 32"
-    );
+    assert_eq!(check_memory(&rootfs, "", Duration::from_secs(60)), "ok 32");
     target.m.ok(&["delete", "-f", &id]);
 }
 

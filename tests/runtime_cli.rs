@@ -3,15 +3,13 @@
 use std::fs;
 use std::time::Duration;
 
-use migrun_tests::{memory_cgroup_of, processes_rooted_at, unique_id, wait_until, Bundle, Migrun};
-
-/// A shell loop writing an increasing counter to /count every 50 ms.
-const COUNTER: &str = "i=0; while true; do i=$((i+1)); echo $i > /count; sleep 0.05; done";
+use migrun_tests::{
+    counter_at, memory_cgroup_of, processes_rooted_at, unique_id, wait_until, Bundle, Migrun,
+    COUNTER,
+};
 
 fn counter(b: &Bundle) -> u64 {
-    b.read("count")
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(0)
+    counter_at(&b.rootfs())
 }
 
 #[test]

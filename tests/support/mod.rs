@@ -440,3 +440,26 @@ impl Drop for NetPair {
             .status();
     }
 }
+
+/// A shell loop writing an increasing counter to /count every 50 ms.
+pub const COUNTER: &str = "i=0; while true; do i=$((i+1)); echo $i > /count; sleep 0.05; done";
+
+/// The counter that [`COUNTER`] keeps in `rootfs`/count (0 before the first write).
+pub fn counter_at(rootfs: &Path) -> u64 {
+    fs::read_to_string(rootfs.join("count"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Asks a test program in a container (`programs/pattern.c`,
+/// `programs/dirtier.c`) to verify its memory: writes `check{suffix}` in
+/// `rootfs`, waits up to `timeout` for `result{suffix}` and returns it
+/// ("ok MIB" or "bad OFFSET"; empty when no answer came).
+pub fn check_memory(rootfs: &Path, suffix: &str, timeout: Duration) -> String {
+    let result = rootfs.join(format!("result{suffix}"));
+    let _ = fs::remove_file(&result);
+    fs::write(rootfs.join(format!("check{suffix}")), "").expect("request a memory check");
+    wait_until(timeout, || result.exists());
+    fs::read_to_string(&result).unwrap_or_default()
+}
