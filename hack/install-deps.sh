@@ -22,6 +22,10 @@ CRIU_PREFIX_BIN=/usr/local/sbin/criu
 # every dump and restore then probes the kernel again (about 40 ms each, in
 # a migration's downtime). /dev/shm is a tmpfs on every Debian system.
 CRIU_RUNDIR=/dev/shm
+# Our patches to CRIU (hack/criu-patches/*.patch, applied in name order): fast
+# paths that shorten a migration's downtime; see DEVELOPERS.md.
+CRIU_PATCHES="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/criu-patches"
+CRIU_BUILD_STAMP=/usr/local/share/migrun/criu-build-id
 CRIU_WORK=/var/cache/migrun/criu-build
 SRC_LIST=/etc/apt/sources.list.d/migrun-criu-src.list
 SRC_PIN=/etc/apt/preferences.d/migrun-criu-src
@@ -34,6 +38,7 @@ PACKAGES=(
     file kmod tar xz-utils ca-certificates time gcc libc6-dev
 )
 CRIU_BUILD_DEPS=(
+    patch
     build-essential make gcc libc6-dev
     libbsd-dev libcap-dev libgnutls28-dev libnet1-dev libnftables-dev
     libnl-3-dev libprotobuf-c-dev libprotobuf-dev protobuf-c-compiler
@@ -88,9 +93,17 @@ criu_version() {
     "$1" --version 2>/dev/null | awk '/^Version:/ {print $2; exit}'
 }
 
-# criu_has_rundir BIN: BIN keeps its kdat cache in CRIU_RUNDIR.
-criu_has_rundir() {
-    grep -qaF "$CRIU_RUNDIR/criu.kdat" "$1"
+# What our CRIU build is made of: version, kdat cache dir, patches. A change
+# of any of them rebuilds it.
+criu_build_id() {
+    local sum
+    sum="$(cat "$CRIU_PATCHES"/*.patch 2>/dev/null | sha256sum | cut -c1-16)"
+    echo "criu $CRIU_VERSION rundir=$CRIU_RUNDIR patches=$sum"
+}
+
+# criu_is_current: the installed CRIU_PREFIX_BIN is this script's current build.
+criu_is_current() {
+    [[ -f $CRIU_BUILD_STAMP && "$(cat "$CRIU_BUILD_STAMP")" == "$(criu_build_id)" ]]
 }
 
 criu_ok() {
@@ -98,8 +111,8 @@ criu_ok() {
     [[ -x $bin ]] || return 1
     ver="$(criu_version "$bin")"
     criu_new_enough "$ver" || return 1
-    # Our own build is redone when it predates the kdat cache location.
-    [[ $bin != "$CRIU_PREFIX_BIN" ]] || criu_has_rundir "$bin" || return 1
+    # Our own build is redone when this script builds it differently now.
+    [[ $bin != "$CRIU_PREFIX_BIN" ]] || criu_is_current || return 1
     "$bin" check >/dev/null 2>&1
 }
 
@@ -171,22 +184,24 @@ build_criu() {
         [[ -s $tarball ]] || die "apt-get source did not fetch $tarball"
     fi
     ensure_packages "${CRIU_BUILD_DEPS[@]}"
-    if [[ -x $src/criu/criu ]] && ! criu_has_rundir "$src/criu/criu"; then
-        # Built by an older version of this script: only kerndat.o changes.
-        log "rebuilding criu $CRIU_VERSION with its kdat cache in $CRIU_RUNDIR"
-        rm -f "$src/criu/kerndat.o" "$src/criu/kerndat.d"
-        make -C "$src" -j"$(nproc)" RUNDIR="$CRIU_RUNDIR" criu >"$CRIU_WORK/build.log" 2>&1 \
-            || { tail -n 30 "$CRIU_WORK/build.log" >&2; die "criu build failed (log: $CRIU_WORK/build.log)"; }
-    fi
-    if [[ ! -x $src/criu/criu ]]; then
-        log "building criu $CRIU_VERSION in $src"
+    local id patch
+    id="$(criu_build_id)"
+    if [[ ! -x $src/criu/criu || "$(cat "$src/.migrun-build-id" 2>/dev/null)" != "$id" ]]; then
+        log "building $id in $src"
         rm -rf "$src"
         tar -C "$CRIU_WORK" -xJf "$tarball"
         [[ -d $src ]] || die "tarball did not unpack to $src"
+        for patch in "$CRIU_PATCHES"/*.patch; do
+            [[ -e $patch ]] || continue
+            patch -d "$src" -p1 --quiet <"$patch" || die "patch $patch does not apply to criu $CRIU_VERSION"
+        done
         make -C "$src" -j"$(nproc)" RUNDIR="$CRIU_RUNDIR" criu >"$CRIU_WORK/build.log" 2>&1 \
             || { tail -n 30 "$CRIU_WORK/build.log" >&2; die "criu build failed (log: $CRIU_WORK/build.log)"; }
+        echo "$id" >"$src/.migrun-build-id"
     fi
     install -D -m 0755 "$src/criu/criu" "$CRIU_PREFIX_BIN"
+    mkdir -p "$(dirname "$CRIU_BUILD_STAMP")"
+    echo "$id" >"$CRIU_BUILD_STAMP"
     log "installed $CRIU_PREFIX_BIN ($(criu_version "$CRIU_PREFIX_BIN"))"
 }
 
@@ -202,7 +217,7 @@ ensure_criu() {
     done
     if [[ -z ${CRIU_BIN:-} ]]; then
         ver="$(criu_version "$CRIU_PREFIX_BIN" || true)"
-        if criu_new_enough "$ver" && criu_has_rundir "$CRIU_PREFIX_BIN"; then
+        if criu_new_enough "$ver" && criu_is_current; then
             # A rebuild would not change anything: say why check fails.
             "$CRIU_PREFIX_BIN" check >&2 || true
             die "$CRIU_PREFIX_BIN $ver is installed but 'criu check' fails (see above)"

@@ -1,7 +1,9 @@
 //! Finding a CRIU binary that is new enough, and asking it about features.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::{Mutex, OnceLock};
 
 use crate::{CriuError, Result};
 
@@ -33,10 +35,33 @@ fn major(version: &str) -> u32 {
         .unwrap_or(0)
 }
 
+/// Versions already asked in this process, by path and file identity
+/// (device, inode, size, mtime): running `criu --version` costs ~20 ms,
+/// which a migration must not pay inside its downtime.
+type VersionCache = Mutex<HashMap<(PathBuf, u64, u64, u64, i64), String>>;
+
+fn version_cache() -> &'static VersionCache {
+    static CACHE: OnceLock<VersionCache> = OnceLock::new();
+    CACHE.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
 /// Version of the binary at `path`, if it runs.
 fn version_of(path: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let key = std::fs::metadata(path)
+        .ok()
+        .map(|m| (path.to_path_buf(), m.dev(), m.ino(), m.size(), m.mtime()));
+    if let Some(k) = &key {
+        if let Some(v) = version_cache().lock().ok().and_then(|c| c.get(k).cloned()) {
+            return Some(v);
+        }
+    }
     let out = Command::new(path).arg("--version").output().ok()?;
-    parse_version(&String::from_utf8_lossy(&out.stdout))
+    let version = parse_version(&String::from_utf8_lossy(&out.stdout))?;
+    if let (Some(k), Ok(mut cache)) = (key, version_cache().lock()) {
+        cache.insert(k, version.clone());
+    }
+    Some(version)
 }
 
 /// Candidate paths for `requested`: itself when it has a slash, else every

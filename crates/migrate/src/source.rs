@@ -432,6 +432,8 @@ pub async fn migrate_out(root: &StateRoot, opts: &OutOptions) -> Result<Migratio
     let spec = load_bundle_spec(&bundle)?;
     let config = fs::read_to_string(bundle.join("config.json"))
         .map_err(|e| MigrateError::Source(format!("read config.json: {e}")))?;
+    // Found (and its version asked) now, not inside the downtime.
+    checkpoint::criu_binary(&opts.criu)?;
     let key = migrun_wire::load_key(&opts.key)?;
     let ch = migrun_wire::connect(opts.to.as_str(), &key).await?;
     if let Some(mbit) = opts.bandwidth_mbit {
@@ -503,13 +505,26 @@ pub async fn migrate_out(root: &StateRoot, opts: &OutOptions) -> Result<Migratio
             let (thread, _images, freeze) = dump;
             let freeze_started = Some(freeze);
             end_lazy_dump(thread);
+            src.stats.phase("criu dump ended", freeze);
             src.throttle.release();
-            // The target holds the container, stopped: remove it here, then
-            // let the target run it and wait until it does.
-            if let Err(e) = lifecycle::delete(root, &opts.id, true) {
-                tracing::error!("delete migrated container {}: {e}", opts.id);
+            // The target holds the container, stopped. Ours must never run
+            // again before the target's may: SIGKILL every process while
+            // they are frozen (a frozen task dies on thaw without running a
+            // single instruction of its own), then let the target run its
+            // copy, and clean ours up meanwhile.
+            let killed = kill_frozen(root, &opts.id);
+            if !killed {
+                if let Err(e) = lifecycle::delete(root, &opts.id, true) {
+                    tracing::error!("delete migrated container {}: {e}", opts.id);
+                }
             }
+            src.stats.phase("source copy killed", freeze);
             src.ch.send(&Message::Done).await?;
+            if killed {
+                if let Err(e) = lifecycle::delete(root, &opts.id, true) {
+                    tracing::error!("delete migrated container {}: {e}", opts.id);
+                }
+            }
             let running = tokio::time::timeout(Duration::from_secs(30), src.replies.recv()).await;
             if !matches!(running, Ok(Some(Ok(Message::Ack)))) {
                 return Err(MigrateError::Peer(format!(
@@ -517,6 +532,7 @@ pub async fn migrate_out(root: &StateRoot, opts: &OutOptions) -> Result<Migratio
                     opts.id
                 )));
             }
+            src.stats.phase("running on the target", freeze);
             src.stats.downtime_ms = freeze_started
                 .map(|f| f.elapsed().as_secs_f64() * 1000.0)
                 .unwrap_or(src.stats.downtime_ms);
@@ -546,6 +562,23 @@ pub async fn migrate_out(root: &StateRoot, opts: &OutOptions) -> Result<Migratio
             Err(err)
         }
     }
+}
+
+/// Sends SIGKILL to every process of the (frozen) container `id`; false if
+/// any could not be signalled (the caller then deletes it before going on).
+fn kill_frozen(root: &StateRoot, id: &str) -> bool {
+    let Ok(container) = root.load(id) else {
+        return false;
+    };
+    let Ok(pids) = lifecycle::container_pids(&container) else {
+        return false;
+    };
+    pids.into_iter().all(|pid| {
+        matches!(
+            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL),
+            Ok(()) | Err(nix::errno::Errno::ESRCH)
+        )
+    })
 }
 
 type DumpThread = Option<std::thread::JoinHandle<()>>;
@@ -645,6 +678,7 @@ async fn run_source(
     let freeze = Instant::now();
     let at_freeze = traffic.bytes_total();
     lifecycle::pause(src.root, &src.opts.id).map_err(|e| (e.into(), None))?;
+    src.stats.phase("frozen", freeze);
     let t = Instant::now();
     let b0 = traffic.bytes_sent();
     let (dirtied, data, zero) = if precopy {
@@ -662,7 +696,9 @@ async fn run_source(
             .map_err(|e| (e, None))?;
         (0, d, z)
     };
+    src.stats.phase("last memory sent", freeze);
     src.sync_rootfs().await.map_err(|e| (e, None))?;
+    src.stats.phase("last rootfs changes sent", freeze);
     let fig = figures(
         round + u32::from(precopy),
         (data, zero),
@@ -701,6 +737,7 @@ async fn run_source(
         ));
     }
     src.stats.criu_dump_ms = dump_started.elapsed().as_secs_f64() * 1000.0;
+    src.stats.phase("criu dump ready", freeze);
     let sent = send_images(&mut src.ch, &images).await;
     match sent {
         Ok(n) => src.stats.bytes_criu_images = n,
@@ -709,6 +746,7 @@ async fn run_source(
     if let Err(e) = src.ch.send(&Message::Commit).await {
         return Err((e.into(), Some(thread)));
     }
+    src.stats.phase("criu images sent", freeze);
     // The target restores; its answer ends the downtime.
     let reply = tokio::time::timeout(Duration::from_secs(300), src.replies.recv()).await;
     let reply = match reply {
@@ -738,6 +776,7 @@ async fn run_source(
             ))
         }
     }
+    src.stats.phase("restored on the target", freeze);
     src.stats.downtime_ms = freeze.elapsed().as_secs_f64() * 1000.0;
     src.stats.bytes_downtime = traffic.bytes_total() - at_freeze;
     Ok((Some(thread), images, freeze))
@@ -796,6 +835,9 @@ fn start_lazy_dump(
         page_server: Some(format!("127.0.0.1:{}", free_port()?)),
         status_fd: Some(write.as_raw_fd()),
         criu: src.opts.criu.clone(),
+        // The target puts the restored tree in a cgroup of its own making:
+        // the source's cgroup properties would only cost dump time.
+        manage_cgroups_mode: Some("ignore".into()),
         ..Default::default()
     };
     let req = checkpoint::dump_request(src.root, &container, spec, images, &opts)?;

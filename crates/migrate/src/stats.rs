@@ -25,6 +25,15 @@ pub struct RoundFigures {
     pub frozen: bool,
 }
 
+/// One step of the downtime, as a point in time after the freeze.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Phase {
+    /// What had just ended ("paused", "last dirty pages sent", ...).
+    pub name: String,
+    /// Milliseconds from the freeze until it ended.
+    pub at_ms: f64,
+}
+
 /// The figures of a migration.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct MigrationStats {
@@ -42,6 +51,8 @@ pub struct MigrationStats {
     pub downtime_ms: f64,
     /// Time CRIU took to dump the frozen state (inside the downtime).
     pub criu_dump_ms: f64,
+    /// The downtime step by step, in the order the steps ended.
+    pub downtime_phases: Vec<Phase>,
     /// Pre-copy rounds (not counting the final frozen round).
     pub precopy_rounds: u32,
     /// Every round, the final one last.
@@ -58,4 +69,16 @@ pub struct MigrationStats {
     pub throttled: bool,
     /// The tightest CPU cap applied, as a share of one CPU (0 when not throttled).
     pub throttle_cpu_share: f64,
+}
+
+impl MigrationStats {
+    /// Records that `name` ended now, `freeze` being when the downtime began.
+    pub fn phase(&mut self, name: &str, freeze: std::time::Instant) {
+        let at_ms = freeze.elapsed().as_secs_f64() * 1000.0;
+        tracing::info!(phase = name, at_ms, "downtime phase");
+        self.downtime_phases.push(Phase {
+            name: name.to_string(),
+            at_ms,
+        });
+    }
 }

@@ -233,6 +233,8 @@ async fn receive_into(
                 memory,
             } => {
                 crate_id_check(root, &container_id)?;
+                // Found (and its version asked) now, not inside the downtime.
+                checkpoint::criu_binary(&opts.criu)?;
                 let v: serde_json::Value = serde_json::from_str(&spec_json)
                     .map_err(|e| MigrateError::Protocol(format!("bad start message: {e}")))?;
                 let config = v["config"]
