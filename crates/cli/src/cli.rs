@@ -231,6 +231,11 @@ pub enum Command {
         /// Where incoming bundles and images go
         #[arg(long, default_value = "/run/migrun-in")]
         work_dir: PathBuf,
+        /// Let CRIU copy all memory into the restored processes inside the
+        /// downtime, instead of restoring without it and filling it in from
+        /// the received pages while the container runs (lazy pages)
+        #[arg(long)]
+        no_lazy_restore: bool,
     },
     /// Live-migrate a running container to a target host (the source side)
     MigrateOut {

@@ -11,14 +11,16 @@
 //!   or page hashing), behind [`dirty::DirtyTracker`];
 //! - [`memory`]: reading a live process's pages on the source;
 //! - [`rootfs`]: syncing the container's root filesystem in rounds;
-//! - [`store`] and [`images`]: the target's page store, and completing
-//!   CRIU's lazy images from it so no memory is copied in the downtime;
+//! - [`store`], [`lazy`] and [`images`]: the target's page store, serving
+//!   it to CRIU's lazy-pages daemon after a restore without memory (or
+//!   completing CRIU's images from it, the fallback);
 //! - [`source`] and [`target`]: the two ends of one migration over
 //!   `migrun-wire`, with rollback on any failure;
 //! - [`stats`]: the figures of a migration.
 
 pub mod dirty;
 pub mod images;
+pub mod lazy;
 pub mod memory;
 pub mod rootfs;
 pub mod source;

@@ -13,9 +13,11 @@ use migrun_runtime::checkpoint::{self, RestoreOptions};
 use migrun_runtime::{lifecycle, StateRoot};
 use migrun_wire::{Channel, Message};
 
+use crate::lazy::{self, LazyPages};
 use crate::rootfs::{self, MANIFEST};
 use crate::store::PageStore;
 use crate::{images, MigrateError, Result};
+use std::sync::Arc;
 
 /// Options of `migrate-in`.
 #[derive(Debug, Clone)]
@@ -30,6 +32,10 @@ pub struct InOptions {
     pub work_dir: PathBuf,
     /// The CRIU binary asked for.
     pub criu: PathBuf,
+    /// Restore without memory and fill it in from the page store while the
+    /// container runs (CRIU's lazy pages); false: CRIU copies all memory
+    /// from complete images inside the downtime.
+    pub lazy_restore: bool,
 }
 
 /// What the target made for one migration, to undo on failure.
@@ -38,10 +44,15 @@ struct Incoming {
     images: PathBuf,
     id: Option<String>,
     restored: bool,
+    /// The lazy-pages daemon filling the restored container's memory.
+    lazy: Option<LazyPages>,
 }
 
 impl Incoming {
-    fn undo(&self, root: &StateRoot) {
+    fn undo(&mut self, root: &StateRoot) {
+        if let Some(mut lazy) = self.lazy.take() {
+            lazy.abort();
+        }
         if let (Some(id), true) = (&self.id, self.restored) {
             let _ = lifecycle::delete(root, id, true);
         }
@@ -155,6 +166,7 @@ async fn receive(root: &StateRoot, opts: &InOptions, mut ch: Channel) -> Result<
         images,
         id: None,
         restored: false,
+        lazy: None,
     };
     let result = receive_into(root, opts, &mut ch, &mut inc).await;
     match result {
@@ -296,27 +308,44 @@ async fn receive_into(
                 }
                 let t = Instant::now();
                 eprintln!("migrate-in: restoring {id}");
-                let filled = images::complete_images(&image_dir, &store)?;
+                let lazy = start_lazy_pages(opts, &image_dir, &mut store)?;
+                if lazy.is_none() {
+                    let filled = images::complete_images(&image_dir, &store)?;
+                    tracing::info!(filled, "images completed");
+                }
                 drop(std::mem::take(&mut store));
-                tracing::info!(filled, "images completed");
-                checkpoint::restore(
+                let restored = checkpoint::restore(
                     root,
                     &RestoreOptions {
                         id: id.clone(),
                         bundle: bundle.clone(),
                         image_path: image_dir.clone(),
+                        work_path: Some(image_dir.clone()),
                         tcp_established: true,
                         criu: opts.criu.clone(),
+                        lazy_pages: lazy.is_some(),
                         // Stopped until the source has let go of its copy:
                         // never two running copies.
                         leave_stopped: true,
                         ..Default::default()
                     },
-                )?;
+                );
+                if let Err(e) = restored {
+                    if let Some(mut lazy) = lazy {
+                        lazy.abort();
+                    }
+                    return Err(e.into());
+                }
                 inc.restored = true;
+                inc.lazy = lazy;
                 eprintln!(
-                    "migrate-in: restored {id} in {:.0} ms",
-                    t.elapsed().as_secs_f64() * 1000.0
+                    "migrate-in: restored {id} in {:.0} ms{}",
+                    t.elapsed().as_secs_f64() * 1000.0,
+                    if inc.lazy.is_some() {
+                        " (memory follows from the page store)"
+                    } else {
+                        ""
+                    }
                 );
                 ch.send(&Message::Ack).await?;
                 // The images are no longer needed; the bundle stays: it is the container's.
@@ -338,6 +367,27 @@ async fn receive_into(
                 }
                 checkpoint::continue_container(root, &id)?;
                 let _ = ch.send(&Message::Ack).await;
+                if let Some(lazy) = inc.lazy.take() {
+                    // The container runs; its memory is being put in place.
+                    // Nothing may end this process before that is done.
+                    let filled = tokio::task::spawn_blocking(move || lazy.finish()).await;
+                    match filled {
+                        Ok(Ok((pages, took))) => eprintln!(
+                            "migrate-in: memory of {id} in place: {pages} pages in {:.0} ms after the restore",
+                            took.as_secs_f64() * 1000.0
+                        ),
+                        Ok(Err(e)) => {
+                            return Err(MigrateError::Target(format!(
+                                "container {id} runs but its memory could not be completed: {e}"
+                            )))
+                        }
+                        Err(e) => {
+                            return Err(MigrateError::Target(format!(
+                                "waiting for the memory of {id}: {e}"
+                            )))
+                        }
+                    }
+                }
                 return Ok(id);
             }
             Message::Abort { reason } => {
@@ -348,6 +398,36 @@ async fn receive_into(
                     "unexpected message {other:?}"
                 )));
             }
+        }
+    }
+}
+
+/// Starts CRIU's lazy-pages daemon over the page store when every lazy page
+/// is there; `None` (a complete-images restore) when the daemon cannot run
+/// here. The store moves into the daemon's page server.
+fn start_lazy_pages(
+    opts: &InOptions,
+    image_dir: &Path,
+    store: &mut PageStore,
+) -> Result<Option<LazyPages>> {
+    if !opts.lazy_restore {
+        return Ok(None);
+    }
+    let pages = lazy::check_complete(image_dir, store)?;
+    if pages == 0 {
+        return Ok(None);
+    }
+    let bin = checkpoint::criu_binary(&opts.criu)?;
+    let shared = Arc::new(std::mem::take(store));
+    match LazyPages::start(&bin.path, image_dir, shared.clone()) {
+        Ok(lazy) => Ok(Some(lazy)),
+        Err(e) => {
+            eprintln!("migrate-in: {e}: restoring with complete images instead");
+            // The server thread is gone: the store is ours again.
+            *store = Arc::try_unwrap(shared).map_err(|_| {
+                MigrateError::Target("page store still shared after lazy-pages failed".into())
+            })?;
+            Ok(None)
         }
     }
 }

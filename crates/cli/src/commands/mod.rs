@@ -61,6 +61,7 @@ pub fn dispatch(cli: Cli) -> Result<i32> {
             key,
             once,
             work_dir,
+            no_lazy_restore,
         } => migrate::migrate_in(
             &root,
             migrun_migrate::target::InOptions {
@@ -69,6 +70,7 @@ pub fn dispatch(cli: Cli) -> Result<i32> {
                 once,
                 work_dir,
                 criu,
+                lazy_restore: !no_lazy_restore,
             },
         ),
         Command::MigrateOut {
