@@ -558,3 +558,119 @@ fn target_killed_during_the_final_phase_leaves_source_running() {
     assert!(left_root.is_empty(), "target root left {left_root:?}");
     src.ok(&["delete", "-f", &id]);
 }
+
+/// A container bundle whose rootfs is an overlay: `lower` below, a fresh
+/// upper directory above; unmounted when dropped.
+struct OverlayBundle {
+    bundle: Bundle,
+    _layers: tempfile::TempDir,
+}
+
+impl OverlayBundle {
+    fn new(lower: &Path, args: &[&str]) -> Self {
+        let bundle = Bundle::new(args);
+        let layers = tempfile::tempdir().expect("tmp");
+        let (upper, work) = (layers.path().join("upper"), layers.path().join("work"));
+        for d in [&upper, &work] {
+            fs::create_dir_all(d).expect("mkdir");
+        }
+        let merged = bundle.rootfs();
+        fs::remove_dir_all(&merged).expect("rm rootfs");
+        fs::create_dir_all(&merged).expect("mkdir rootfs");
+        let st = Command::new("mount")
+            .args(["-t", "overlay", "overlay", "-o"])
+            .arg(format!(
+                "lowerdir={},upperdir={},workdir={}",
+                lower.display(),
+                upper.display(),
+                work.display()
+            ))
+            .arg(&merged)
+            .status()
+            .expect("mount");
+        assert!(st.success(), "mount overlay failed");
+        Self {
+            bundle,
+            _layers: layers,
+        }
+    }
+}
+
+impl Drop for OverlayBundle {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.bundle.rootfs())
+            .status();
+    }
+}
+
+#[test]
+fn overlay_rootfs_syncs_its_upper_dir_and_sends_each_layer_once() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let key = key(dir.path());
+    let src = Migrun::new();
+    // The lower layer: a busybox tree, the same for both containers.
+    let base = Bundle::new(&["true"]);
+    let script = format!("rm -f /bin/vi; mkdir -p /data; echo before > /data/f; {COUNTER}");
+    let one = OverlayBundle::new(&base.rootfs(), &["sh", "-c", &script]);
+    let id = unique_id("mig-overlay");
+    src.ok_quiet(&["run", "-d", "-b", path(one.bundle.path()), &id]);
+    assert!(wait_until(Duration::from_secs(5), || counter(
+        &one.bundle.rootfs()
+    ) >= 5));
+    let mut target = Target::start(&key);
+    let (ok, err, stats) = migrate_out(&src, &id, &target, &key, &[]);
+    assert!(ok, "migrate-out failed: {err}\ntarget: {}", target.log());
+    assert!(target.finish(), "migrate-in failed: {}", target.log());
+    let at_source = counter(&one.bundle.rootfs());
+    let stats = stats.expect("stats");
+    assert_eq!(stats["layers_total"], 1, "{stats}");
+    assert_eq!(stats["layers_sent"], 1, "{stats}");
+    assert!(
+        stats["bytes_layers"].as_u64().unwrap_or(0) > 100_000,
+        "{stats}"
+    );
+    // On the target: what the container wrote, without what it deleted
+    // from the layer below, over the layer's files; the counter goes on.
+    let t = &target.m;
+    assert_eq!(t.ok(&["exec", &id, "cat", "/data/f"]).trim(), "before");
+    assert!(
+        !t.run(&["exec", &id, "test", "-e", "/bin/vi"])
+            .status
+            .success(),
+        "/bin/vi deleted on the source is back on the target"
+    );
+    assert!(t
+        .run(&["exec", &id, "test", "-x", "/bin/busybox"])
+        .status
+        .success());
+    let count = || {
+        t.ok(&["exec", &id, "cat", "/count"])
+            .trim()
+            .parse::<u64>()
+            .unwrap_or(0)
+    };
+    assert!(wait_until(Duration::from_secs(5), || count() > at_source + 2));
+
+    // A second container over the same layer: the target has it, nothing
+    // of the layer crosses the wire.
+    let two = OverlayBundle::new(&base.rootfs(), &["sh", "-c", COUNTER]);
+    let id2 = unique_id("mig-overlay2");
+    src.ok_quiet(&["run", "-d", "-b", path(two.bundle.path()), &id2]);
+    assert!(wait_until(Duration::from_secs(5), || counter(
+        &two.bundle.rootfs()
+    ) >= 3));
+    let work = std::mem::replace(&mut target.work, tempfile::tempdir().expect("tmp"));
+    let mut target2 = Target::start_with(&key, &[], Some(work));
+    let (ok, err, stats) = migrate_out(&src, &id2, &target2, &key, &[]);
+    assert!(ok, "migrate-out failed: {err}\ntarget: {}", target2.log());
+    assert!(target2.finish(), "migrate-in failed: {}", target2.log());
+    let stats = stats.expect("stats");
+    assert_eq!(stats["layers_total"], 1, "{stats}");
+    assert_eq!(stats["layers_sent"], 0, "{stats}");
+    assert_eq!(stats["bytes_layers"], 0, "{stats}");
+    assert_eq!(target2.m.status(&id2), "running");
+    target2.m.ok(&["delete", "-f", &id2]);
+    t.ok(&["delete", "-f", &id]);
+}

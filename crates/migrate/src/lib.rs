@@ -20,6 +20,7 @@
 
 pub mod dirty;
 pub mod images;
+pub mod layers;
 pub mod lazy;
 pub mod memory;
 pub mod rootfs;

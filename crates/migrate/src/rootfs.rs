@@ -27,6 +27,9 @@ pub enum Kind {
     File,
     /// A symbolic link with its target.
     Symlink(String),
+    /// An overlayfs whiteout (a 0:0 character device): the path is deleted
+    /// from the layers below.
+    Whiteout,
 }
 
 /// What the source knows of one path.
@@ -46,6 +49,39 @@ pub struct Entry {
     pub mtime: (i64, i64),
     /// Inode (changes when a file is replaced).
     pub ino: u64,
+    /// An overlayfs opaque directory (hides the layers below).
+    #[serde(default)]
+    pub opaque: bool,
+}
+
+/// The xattr overlayfs marks an opaque directory with.
+const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
+
+/// Whether the directory at `path` carries overlayfs's opaque mark.
+fn is_opaque(path: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    let name = c"trusted.overlay.opaque";
+    let mut v = [0u8; 2];
+    // SAFETY: valid NUL-terminated strings and a buffer of the given size.
+    let n = unsafe { libc::lgetxattr(c.as_ptr(), name.as_ptr(), v.as_mut_ptr().cast(), v.len()) };
+    n == 1 && v[0] == b'y'
+}
+
+/// Marks the directory at `path` opaque for overlayfs.
+fn set_opaque(path: &Path) -> std::io::Result<()> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let name = std::ffi::CString::new(OPAQUE_XATTR)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: valid NUL-terminated strings and a one-byte value.
+    let r = unsafe { libc::lsetxattr(c.as_ptr(), name.as_ptr(), b"y".as_ptr().cast(), 1, 0) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// The tree by relative path.
@@ -71,9 +107,13 @@ pub fn snapshot(root: &Path) -> Result<Snapshot> {
                 continue;
             };
             let ft = meta.file_type();
+            let mut opaque = false;
             let kind = if ft.is_dir() {
                 stack.push(path.clone());
+                opaque = is_opaque(&entry.path());
                 Kind::Dir
+            } else if std::os::unix::fs::FileTypeExt::is_char_device(&ft) && meta.rdev() == 0 {
+                Kind::Whiteout
             } else if ft.is_file() {
                 Kind::File
             } else if ft.is_symlink() {
@@ -95,6 +135,7 @@ pub fn snapshot(root: &Path) -> Result<Snapshot> {
                     size: meta.size(),
                     mtime: (meta.mtime(), meta.mtime_nsec()),
                     ino: meta.ino(),
+                    opaque,
                 },
             );
         }
@@ -174,6 +215,29 @@ pub fn apply_manifest(root: &Path, manifest: &Snapshot) -> Result<()> {
                 }
                 fs::create_dir_all(&path)
                     .map_err(|x| err(format!("create {}", path.display()), x))?;
+                if e.opaque && !is_opaque(&path) {
+                    set_opaque(&path)
+                        .map_err(|x| err(format!("mark {} opaque", path.display()), x))?;
+                }
+            }
+            Kind::Whiteout => {
+                let is_whiteout = fs::symlink_metadata(&path)
+                    .map(|m| {
+                        std::os::unix::fs::FileTypeExt::is_char_device(&m.file_type())
+                            && m.rdev() == 0
+                    })
+                    .unwrap_or(false);
+                if !is_whiteout {
+                    let _ = fs::remove_file(&path);
+                    let _ = fs::remove_dir_all(&path);
+                    nix::sys::stat::mknod(
+                        &path,
+                        nix::sys::stat::SFlag::S_IFCHR,
+                        nix::sys::stat::Mode::from_bits_truncate(0o000),
+                        0,
+                    )
+                    .map_err(|x| err(format!("whiteout {}", path.display()), x.into()))?;
+                }
             }
             Kind::Symlink(target) => {
                 let current = fs::read_link(&path).ok();

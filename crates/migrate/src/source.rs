@@ -23,7 +23,7 @@ use crate::dirty::{self, DirtyTracker};
 use crate::memory::{self, MemReader, Proc, PAGE};
 use crate::rootfs::{self, Snapshot, MANIFEST};
 use crate::stats::{MigrationStats, RoundFigures};
-use crate::{MigrateError, Result};
+use crate::{layers, MigrateError, Result};
 
 /// Options of `migrate-out`.
 #[derive(Debug, Clone)]
@@ -275,16 +275,35 @@ impl Source<'_> {
     /// Sends the files of the root filesystem changed since the last snapshot, then the manifest.
     async fn sync_rootfs(&mut self) -> Result<u64> {
         let now = rootfs::snapshot(&self.rootfs)?;
-        let changed: Vec<String> = rootfs::changed_files(&self.snapshot, &now)
+        let before = std::mem::take(&mut self.snapshot);
+        let root = self.rootfs.clone();
+        let bytes = self.send_tree(&root, "", &before, &now).await?;
+        self.snapshot = now;
+        self.stats.bytes_rootfs += bytes;
+        Ok(bytes)
+    }
+
+    /// Sends the files of `now` (under `root`) that changed since `before`,
+    /// then the manifest of `now`; paths on the wire start with `prefix`.
+    /// Returns the file bytes sent.
+    async fn send_tree(
+        &mut self,
+        root: &Path,
+        prefix: &str,
+        before: &Snapshot,
+        now: &Snapshot,
+    ) -> Result<u64> {
+        let changed: Vec<String> = rootfs::changed_files(before, now)
             .into_iter()
             .map(String::from)
             .collect();
         let mut bytes = 0;
         for rel in changed {
-            let path = self.rootfs.join(&rel);
+            let path = root.join(&rel);
             let Ok(mut file) = fs::File::open(&path) else {
                 continue;
             };
+            let wire = format!("{prefix}{rel}");
             let mut offset = 0u64;
             let mut chunk = vec![0u8; FILE_CHUNK];
             loop {
@@ -296,7 +315,7 @@ impl Source<'_> {
                 }
                 self.ch
                     .send(&Message::FileChunk {
-                        path: rel.clone(),
+                        path: wire.clone(),
                         offset,
                         data: migrun_wire::Bytes::copy_from_slice(&chunk[..n]),
                     })
@@ -307,7 +326,7 @@ impl Source<'_> {
             if offset == 0 {
                 self.ch
                     .send(&Message::FileChunk {
-                        path: rel.clone(),
+                        path: wire.clone(),
                         offset: 0,
                         data: migrun_wire::Bytes::new(),
                     })
@@ -315,28 +334,66 @@ impl Source<'_> {
             }
             self.ch
                 .send(&Message::FileDone {
-                    path: rel,
+                    path: wire,
                     size: offset,
                 })
                 .await?;
         }
-        let manifest = serde_json::to_vec(&now).map_err(|e| MigrateError::Source(e.to_string()))?;
+        let manifest = serde_json::to_vec(now).map_err(|e| MigrateError::Source(e.to_string()))?;
         self.ch
             .send(&Message::FileChunk {
-                path: MANIFEST.into(),
+                path: format!("{prefix}{MANIFEST}"),
                 offset: 0,
                 data: manifest.into(),
             })
             .await?;
         self.ch
             .send(&Message::FileDone {
-                path: MANIFEST.into(),
+                path: format!("{prefix}{MANIFEST}"),
                 size: 0,
             })
             .await?;
-        self.snapshot = now;
-        self.stats.bytes_rootfs += bytes;
         Ok(bytes)
+    }
+
+    /// Sends the lower layers the target asked for (after `Start` offered
+    /// them all); the others never cross the wire.
+    async fn send_wanted_layers(&mut self, offered: &[(String, PathBuf)]) -> Result<()> {
+        let reply = tokio::time::timeout(Duration::from_secs(60), self.replies.recv()).await;
+        let wanted = match reply {
+            Ok(Some(Ok(Message::LayersWanted { digests }))) => digests,
+            Ok(Some(Ok(Message::Error { message }))) => return Err(MigrateError::Peer(message)),
+            Ok(Some(Ok(other))) => {
+                return Err(MigrateError::Protocol(format!(
+                    "expected LayersWanted, got {other:?}"
+                )))
+            }
+            Ok(Some(Err(e))) => return Err(e.into()),
+            Ok(None) => {
+                return Err(MigrateError::Peer(
+                    "the target closed the connection".into(),
+                ))
+            }
+            Err(_) => {
+                return Err(MigrateError::Peer(
+                    "the target did not answer the layer offer in 60 s".into(),
+                ))
+            }
+        };
+        self.stats.layers_total = offered.len();
+        for digest in wanted {
+            let Some((_, dir)) = offered.iter().find(|(d, _)| *d == digest) else {
+                return Err(MigrateError::Protocol(format!(
+                    "the target wants layer {digest}, which was not offered"
+                )));
+            };
+            let now = rootfs::snapshot(dir)?;
+            let prefix = format!("{}{digest}/", layers::WIRE_PREFIX);
+            let bytes = self.send_tree(dir, &prefix, &Snapshot::new(), &now).await?;
+            self.stats.layers_sent += 1;
+            self.stats.bytes_layers += bytes;
+        }
+        Ok(())
     }
 
     /// Stops every tracker (before CRIU: it must not find our userfaultfd).
@@ -477,6 +534,16 @@ pub async fn migrate_out(root: &StateRoot, opts: &OutOptions) -> Result<Migratio
             &container.spec().map(|c| c.cgroup_path).unwrap_or_default(),
         ),
     };
+    // An overlay root filesystem: its lower layers are offered by digest,
+    // its upper directory is what the rounds sync.
+    let overlay = layers::overlay_of(&src.rootfs, container.pid().map(|p| p.as_raw()));
+    let mut offered = Vec::new();
+    if let Some(o) = &overlay {
+        for dir in &o.lower {
+            offered.push((layers::tree_digest(dir)?, dir.clone()));
+        }
+        src.rootfs = o.upper.clone();
+    }
     let procs = src.processes()?;
     let resident: u64 = procs
         .iter()
@@ -489,7 +556,13 @@ pub async fn migrate_out(root: &StateRoot, opts: &OutOptions) -> Result<Migratio
     src.ch
         .send(&Message::Start {
             container_id: opts.id.clone(),
-            spec_json: serde_json::json!({ "config": config }).to_string(),
+            spec_json: serde_json::json!({
+                "config": config,
+                "overlay": overlay.as_ref().map(|_| serde_json::json!({
+                    "layers": offered.iter().map(|(d, _)| d.clone()).collect::<Vec<_>>(),
+                })),
+            })
+            .to_string(),
             memory: MemoryTotals {
                 processes: procs.len() as u32,
                 mapped_bytes: resident * PAGE,
@@ -499,7 +572,14 @@ pub async fn migrate_out(root: &StateRoot, opts: &OutOptions) -> Result<Migratio
         .await?;
 
     src.start_bar(resident);
-    let result = run_source(&mut src, &spec).await;
+    let result = if overlay.is_some() {
+        match src.send_wanted_layers(&offered).await {
+            Ok(()) => run_source(&mut src, &spec).await,
+            Err(e) => Err((e, None)),
+        }
+    } else {
+        run_source(&mut src, &spec).await
+    };
     match result {
         Ok(dump) => {
             let (thread, _images, freeze) = dump;

@@ -63,8 +63,15 @@ pub struct MigrationStats {
     pub bytes_downtime: u64,
     /// Bytes of CRIU's images (process state without memory).
     pub bytes_criu_images: u64,
-    /// Bytes of root filesystem files sent.
+    /// Bytes of root filesystem files sent (the upper directory of an
+    /// overlay root filesystem).
     pub bytes_rootfs: u64,
+    /// Lower layers of an overlay root filesystem (0: a plain directory).
+    pub layers_total: usize,
+    /// Lower layers sent (the target lacked them).
+    pub layers_sent: usize,
+    /// Bytes of lower-layer files sent.
+    pub bytes_layers: u64,
     /// Whether the container was throttled to converge.
     pub throttled: bool,
     /// The tightest CPU cap applied, as a share of one CPU (0 when not throttled).

@@ -13,6 +13,7 @@ use migrun_runtime::checkpoint::{self, RestoreOptions};
 use migrun_runtime::{lifecycle, StateRoot};
 use migrun_wire::{Channel, Message};
 
+use crate::layers::{self, LayerStore};
 use crate::lazy::{self, LazyPages};
 use crate::rootfs::{self, MANIFEST};
 use crate::store::PageStore;
@@ -46,6 +47,10 @@ struct Incoming {
     restored: bool,
     /// The lazy-pages daemon filling the restored container's memory.
     lazy: Option<LazyPages>,
+    /// Where an overlay root filesystem is (to be) mounted on this host.
+    overlay: Option<PathBuf>,
+    /// The layer store, whose unfinished layers a failure removes.
+    layers: PathBuf,
 }
 
 impl Incoming {
@@ -56,6 +61,10 @@ impl Incoming {
         if let (Some(id), true) = (&self.id, self.restored) {
             let _ = lifecycle::delete(root, id, true);
         }
+        if let Some(merged) = self.overlay.take() {
+            let _ = nix::mount::umount2(&merged, nix::mount::MntFlags::MNT_DETACH);
+        }
+        LayerStore::new(self.layers.clone()).discard_incoming();
         let _ = fs::remove_dir_all(&self.dir);
         let _ = fs::remove_dir_all(&self.images);
     }
@@ -167,6 +176,8 @@ async fn receive(root: &StateRoot, opts: &InOptions, mut ch: Channel) -> Result<
         id: None,
         restored: false,
         lazy: None,
+        overlay: None,
+        layers: opts.work_dir.join("layers"),
     };
     let result = receive_into(root, opts, &mut ch, &mut inc).await;
     match result {
@@ -223,7 +234,12 @@ async fn receive_into(
     inc: &mut Incoming,
 ) -> Result<String> {
     let bundle = inc.dir.join("bundle");
-    let rootfs_dir = bundle.join("rootfs");
+    // The tree the rounds sync: the root filesystem, or the upper directory
+    // of an overlay one (then mounted over `rootfs` from the layers).
+    let mut rootfs_dir = bundle.join("rootfs");
+    let layer_store = LayerStore::new(opts.work_dir.join("layers"));
+    let mut overlay_layers: Option<Vec<String>> = None;
+    let mut layer_manifests: std::collections::HashMap<String, Vec<u8>> = Default::default();
     let image_dir = inc.images.clone();
     let io =
         |what: &Path, e: std::io::Error| MigrateError::Target(format!("{}: {e}", what.display()));
@@ -255,6 +271,33 @@ async fn receive_into(
                 let path = bundle.join("config.json");
                 fs::write(&path, local_config(config, &container_id, root)?)
                     .map_err(|e| io(&path, e))?;
+                if let Some(offer) = v["overlay"]["layers"].as_array() {
+                    let digests: Vec<String> = offer
+                        .iter()
+                        .filter_map(|d| d.as_str().map(String::from))
+                        .collect();
+                    let wanted: Vec<String> = digests
+                        .iter()
+                        .filter(|d| !layer_store.has(d))
+                        .cloned()
+                        .collect();
+                    for d in &wanted {
+                        // Validates the digest, too.
+                        let dir = layer_store.incoming(d)?;
+                        let _ = fs::remove_dir_all(&dir);
+                        fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
+                    }
+                    eprintln!(
+                        "migrate-in: overlay root filesystem: {} layers, {} to receive",
+                        digests.len(),
+                        wanted.len()
+                    );
+                    ch.send(&Message::LayersWanted { digests: wanted }).await?;
+                    rootfs_dir = bundle.join("upper");
+                    fs::create_dir_all(&rootfs_dir).map_err(|e| io(&rootfs_dir, e))?;
+                    overlay_layers = Some(digests);
+                    inc.overlay = Some(bundle.join("rootfs"));
+                }
                 eprintln!(
                     "migrate-in: receiving container {container_id}: {} processes, {} resident pages",
                     memory.processes, memory.resident_pages
@@ -269,14 +312,37 @@ async fn receive_into(
                 }
             }
             Message::FileChunk { path, offset, data } => {
-                if path == MANIFEST {
+                if let Some((digest, rel)) = layer_path(&path) {
+                    let dir = layer_store.incoming(digest)?;
+                    if rel == MANIFEST {
+                        layer_manifests
+                            .entry(digest.to_string())
+                            .or_default()
+                            .extend_from_slice(&data);
+                    } else {
+                        rootfs::write_chunk(&dir, rel, offset, &data)?;
+                    }
+                } else if path == MANIFEST {
                     manifest.extend_from_slice(&data);
                 } else {
                     rootfs::write_chunk(&rootfs_dir, &path, offset, &data)?;
                 }
             }
             Message::FileDone { path, size } => {
-                if path == MANIFEST {
+                if let Some((digest, rel)) = layer_path(&path) {
+                    let dir = layer_store.incoming(digest)?;
+                    if rel == MANIFEST {
+                        let bytes = layer_manifests.remove(digest).unwrap_or_default();
+                        let snap: rootfs::Snapshot =
+                            serde_json::from_slice(&bytes).map_err(|e| {
+                                MigrateError::Protocol(format!("bad layer manifest: {e}"))
+                            })?;
+                        rootfs::apply_manifest(&dir, &snap)?;
+                        layer_store.commit(digest)?;
+                    } else {
+                        rootfs::finish_file(&dir, rel, size)?;
+                    }
+                } else if path == MANIFEST {
                     let snap: rootfs::Snapshot = serde_json::from_slice(&manifest)
                         .map_err(|e| MigrateError::Protocol(format!("bad manifest: {e}")))?;
                     manifest.clear();
@@ -308,6 +374,9 @@ async fn receive_into(
                 }
                 let t = Instant::now();
                 eprintln!("migrate-in: restoring {id}");
+                if let Some(digests) = &overlay_layers {
+                    mount_overlay(&layer_store, digests, &bundle)?;
+                }
                 let lazy = start_lazy_pages(opts, &image_dir, &mut store)?;
                 if lazy.is_none() {
                     let filled = images::complete_images(&image_dir, &store)?;
@@ -338,6 +407,11 @@ async fn receive_into(
                 }
                 inc.restored = true;
                 inc.lazy = lazy;
+                if let Some(merged) = inc.overlay.take() {
+                    // The container's mount namespace holds the overlay now;
+                    // it goes away with the container.
+                    let _ = nix::mount::umount2(&merged, nix::mount::MntFlags::MNT_DETACH);
+                }
                 eprintln!(
                     "migrate-in: restored {id} in {:.0} ms{}",
                     t.elapsed().as_secs_f64() * 1000.0,
@@ -430,6 +504,46 @@ fn start_lazy_pages(
             Ok(None)
         }
     }
+}
+
+/// Splits a layer file's wire path into its layer digest and relative path.
+fn layer_path(path: &str) -> Option<(&str, &str)> {
+    path.strip_prefix(layers::WIRE_PREFIX)?.split_once('/')
+}
+
+/// Mounts the overlay of `digests` (uppermost first) with `bundle/upper` as
+/// its upper directory on `bundle/rootfs`.
+fn mount_overlay(store: &LayerStore, digests: &[String], bundle: &Path) -> Result<()> {
+    let mut lower = Vec::new();
+    for d in digests {
+        if !store.has(d) {
+            return Err(MigrateError::Target(format!("layer {d} never arrived")));
+        }
+        lower.push(store.path(d)?.to_string_lossy().into_owned());
+    }
+    let (upper, work, merged) = (
+        bundle.join("upper"),
+        bundle.join("work"),
+        bundle.join("rootfs"),
+    );
+    for d in [&upper, &work, &merged] {
+        fs::create_dir_all(d)
+            .map_err(|e| MigrateError::Target(format!("create {}: {e}", d.display())))?;
+    }
+    let data = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lower.join(":"),
+        upper.display(),
+        work.display()
+    );
+    nix::mount::mount(
+        Some("overlay"),
+        &merged,
+        Some("overlay"),
+        nix::mount::MsFlags::empty(),
+        Some(data.as_str()),
+    )
+    .map_err(|e| MigrateError::Target(format!("mount overlay on {}: {e}", merged.display())))
 }
 
 /// Refuses a container id that already exists here.

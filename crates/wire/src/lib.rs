@@ -66,7 +66,7 @@ pub use message::{
 pub const MAGIC: &[u8; 6] = b"MIGRUN";
 
 /// The protocol version this crate speaks. Peers must speak the same.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Default time-out for connecting plus the handshake.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

@@ -113,6 +113,13 @@ pub enum Message {
     },
     /// The migration is over; the connection will be closed.
     Done,
+    /// The target's answer to a [`Message::Start`] that offered image
+    /// layers by content digest: the ones it lacks, which the source then
+    /// sends (the others never cross the wire).
+    LayersWanted {
+        /// Digests of the layers to send, from the offer.
+        digests: Vec<String>,
+    },
 }
 
 /// Totals announced with [`Message::Start`], for progress reporting.
@@ -279,6 +286,10 @@ impl fmt::Debug for Message {
                 f.debug_struct("Error").field("message", message).finish()
             }
             Message::Done => f.write_str("Done"),
+            Message::LayersWanted { digests } => f
+                .debug_struct("LayersWanted")
+                .field("digests", digests)
+                .finish(),
         }
     }
 }
@@ -298,6 +309,7 @@ mod tag {
     pub const ABORT: u8 = 11;
     pub const ERROR: u8 = 12;
     pub const DONE: u8 = 13;
+    pub const LAYERS_WANTED: u8 = 14;
 }
 
 impl Message {
@@ -317,6 +329,7 @@ impl Message {
             Message::Abort { .. } => "abort",
             Message::Error { .. } => "error",
             Message::Done => "done",
+            Message::LayersWanted { .. } => "layers-wanted",
         }
     }
 
@@ -406,6 +419,11 @@ impl Message {
                 put_str(out, message)?;
             }
             Message::Done => out.put_u8(tag::DONE),
+            Message::LayersWanted { digests } => {
+                out.put_u8(tag::LAYERS_WANTED);
+                // Digests are hex: one per line.
+                put_str(out, &digests.join("\n"))?;
+            }
         }
         Ok(())
     }
@@ -481,6 +499,14 @@ impl Message {
                 message: r.string()?,
             },
             tag::DONE => Message::Done,
+            tag::LAYERS_WANTED => Message::LayersWanted {
+                digests: r
+                    .string()?
+                    .split('\n')
+                    .filter(|d| !d.is_empty())
+                    .map(String::from)
+                    .collect(),
+            },
             other => return Err(WireError::UnknownMessage(other)),
         };
         if r.remaining() != 0 {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use common::{all_messages, proxy, Mitm, CLIENT_HANDSHAKE_LEN};
 use migrun_wire::{
     accept_with, connect, connect_with, establish, pair, pair_with, Bytes, Channel, Cipher, Config,
-    Key, Message, Role, WireError, PAGE_SIZE,
+    Key, Message, Role, WireError, PAGE_SIZE, PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -158,21 +158,22 @@ async fn tampered_handshake_fails_authentication() -> TestResult {
 async fn version_mismatch_is_reported_on_both_sides() -> TestResult {
     let (addr, server) = server(key(1), Config::default()).await?;
     let mut newer = Config::default();
-    newer.protocol_version = 2;
+    let (ours, theirs) = (PROTOCOL_VERSION + 1, PROTOCOL_VERSION);
+    newer.protocol_version = ours;
     let client = bounded(connect_with(addr, &key(1), &newer)).await;
     let server = bounded(server).await?;
     match client {
-        Err(e @ WireError::VersionMismatch { ours: 2, theirs: 1 }) => {
-            assert!(e.to_string().starts_with(
-                "protocol version mismatch: we speak version 2, peer speaks version 1"
-            ));
+        Err(e @ WireError::VersionMismatch { .. }) => {
+            assert!(e.to_string().starts_with(&format!(
+                "protocol version mismatch: we speak version {ours}, peer speaks version {theirs}"
+            )));
         }
         other => panic!("client: {other:?}"),
     }
     assert!(
         matches!(
             server,
-            Err(WireError::VersionMismatch { ours: 1, theirs: 2 })
+            Err(WireError::VersionMismatch { ours: o, theirs: t }) if o == theirs && t == ours
         ),
         "server: {server:?}"
     );
@@ -313,7 +314,10 @@ async fn peer_disconnecting_mid_frame_is_a_clear_error() -> TestResult {
 async fn peer_disconnecting_mid_handshake_is_a_clear_error() -> TestResult {
     let (addr, server) = server_pair().await?;
     let mut raw = tokio::net::TcpStream::connect(addr).await?;
-    raw.write_all(b"MIGRUN\x00\x01\x01").await?;
+    let mut hello = b"MIGRUN".to_vec();
+    hello.extend_from_slice(&PROTOCOL_VERSION.to_be_bytes());
+    hello.push(1);
+    raw.write_all(&hello).await?;
     drop(raw);
     let got = bounded(server).await?;
     assert!(

@@ -153,6 +153,10 @@ pub fn all_messages() -> Vec<Message> {
             message: "restore failed: ünïcödé".into(),
         },
         Message::Done,
+        Message::LayersWanted {
+            digests: vec![format!("sha256:{}", "ab".repeat(32)), "sha256:00".into()],
+        },
+        Message::LayersWanted { digests: vec![] },
         Message::Pages(PageRun::default()),
         Message::FileChunk {
             path: String::new(),
@@ -161,7 +165,7 @@ pub fn all_messages() -> Vec<Message> {
         },
     ];
     // Fails to compile when a message is added, so this list gets it too.
-    let mut seen = [false; 13];
+    let mut seen = [false; 14];
     for m in &msgs {
         let i = match m {
             Message::Hello { .. } => 0,
@@ -177,6 +181,7 @@ pub fn all_messages() -> Vec<Message> {
             Message::Abort { .. } => 10,
             Message::Error { .. } => 11,
             Message::Done => 12,
+            Message::LayersWanted { .. } => 13,
         };
         seen[i] = true;
     }
