@@ -3,12 +3,17 @@
 # A two-host network for live-migration demos and tests, made of network
 # namespaces only (nothing is added to the root namespace's links/addresses):
 #
-#   mr-host-a  eth0 10.77.0.1/24  ─┐
-#   mr-host-b  eth0 10.77.0.2/24  ─┼─ mr-br0 (bridge, in namespace mr-switch)
-#   mr-client  eth0 10.77.0.10/24 ─┘
+#   mr-host-a  mrbr 10.77.0.1/24 [eth0] ─┐
+#   mr-host-b  mrbr 10.77.0.2/24 [eth0] ─┼─ mr-br0 (bridge, in namespace mr-switch)
+#   mr-client  eth0 10.77.0.10/24       ─┘
 #
 # Each namespace's eth0 is a veth whose peer (veth-a, veth-b, veth-c) is a
-# port of mr-br0. The two hosts' links are shaped on their eth0, both ways:
+# port of mr-br0. In the two hosts, eth0 is itself a port of a host bridge
+# `mrbr` that holds the host's address (and eth0's MAC): containers wired
+# with hack/netctr.sh get a veth on mrbr, i.e. a service address on the
+# test bed's L2 segment, and `migrate-in --bridge mrbr` attaches a migrated
+# container's veth to it again.
+# The two hosts' links are shaped on their eth0, both ways:
 #   out of the host: root qdisc of eth0             tbf rate R [+ netem delay D]
 #   into the host:   eth0 ingress -> ifb-eth0 (mirred), tbf rate R [+ netem delay D]
 # so A -> B crosses two shaped hops (A out, B in): rate R, one-way delay 2*D.
@@ -41,6 +46,7 @@ ADDR_B=10.77.0.2
 ADDR_C=10.77.0.10
 PREFIX=24
 IFACE=eth0          # the link's name inside each host/client namespace
+HOST_BRIDGE=mrbr    # the bridge of each host namespace (eth0 + containers)
 IFB=ifb-eth0        # ingress shaping device inside each host namespace
 PROBE_PORT=9000
 
@@ -109,6 +115,32 @@ shape_host() {
         u32 match u32 0 0 action mirred egress redirect dev "$IFB"
 }
 
+# ensure_host_bridge NS CIDR: the host's bridge, with eth0 as a port and the
+# host's address (moved from eth0 if it is still there) and MAC on it.
+ensure_host_bridge() {
+    local ns=$1 cidr=$2 mac
+    if ! link_exists "$ns" "$HOST_BRIDGE"; then
+        ip -n "$ns" link add "$HOST_BRIDGE" type bridge stp_state 0 forward_delay 0
+        log "created bridge $ns/$HOST_BRIDGE"
+    fi
+    # The bridge keeps eth0's MAC whatever ports come and go.
+    mac="$(ip -n "$ns" -o link show "$IFACE" | grep -oE 'link/ether [0-9a-f:]+' | awk '{print $2}')"
+    [[ -z $mac ]] || ip -n "$ns" link set "$HOST_BRIDGE" address "$mac"
+    ip -n "$ns" link set "$IFACE" master "$HOST_BRIDGE"
+    if ip -n "$ns" -4 addr show dev "$IFACE" | grep -qF " $cidr "; then
+        ip -n "$ns" addr del "$cidr" dev "$IFACE"
+    fi
+    ensure_addr "$ns" "$HOST_BRIDGE" "$cidr"
+    ip -n "$ns" link set "$HOST_BRIDGE" up
+}
+
+# host_dev NS: the device holding the node's address (mrbr on hosts, eth0 on the client).
+host_dev() {
+    local s
+    for s in "${SHAPED[@]}"; do [[ $1 == "$s" ]] && { echo "$HOST_BRIDGE"; return; }; done
+    echo "$IFACE"
+}
+
 cmd_up() {
     require_root
     need_cmd ip tc busybox
@@ -139,8 +171,12 @@ cmd_up() {
         fi
         ip -n "$NS_SW" link set "$port" master "$BRIDGE"
         ip -n "$NS_SW" link set "$port" up
-        ensure_addr "$ns" "$IFACE" "$addr/$PREFIX"
         ip -n "$ns" link set "$IFACE" up
+        if [[ $(host_dev "$ns") == "$HOST_BRIDGE" ]]; then
+            ensure_host_bridge "$ns" "$addr/$PREFIX"
+        else
+            ensure_addr "$ns" "$IFACE" "$addr/$PREFIX"
+        fi
     done
 
     for ns in "${SHAPED[@]}"; do shape_host "$ns"; done
@@ -187,6 +223,7 @@ export TESTBED_ADDR_A=$ADDR_A
 export TESTBED_ADDR_B=$ADDR_B
 export TESTBED_ADDR_CLIENT=$ADDR_C
 export TESTBED_PREFIX=$PREFIX
+export TESTBED_HOST_BRIDGE=$HOST_BRIDGE
 EOF
 }
 
@@ -239,10 +276,18 @@ cmd_status() {
             IFS=: read -r ns addr port <<<"$node"
             if ! ip -n "$NS_SW" link show "$port" 2>/dev/null | grep -qF "master $BRIDGE "; then
                 echo "$ns: $NS_SW/$port is not a port of $BRIDGE"; ok=0
-            elif ip -n "$ns" -4 addr show dev "$IFACE" 2>/dev/null | grep -qF " $addr/$PREFIX "; then
-                echo "$ns: $IFACE $addr/$PREFIX ($(ip -n "$ns" -br link show "$IFACE" | awk '{print $2}'))"
             else
-                echo "$ns: $IFACE $addr/$PREFIX MISSING"; ok=0
+                local dev
+                dev="$(host_dev "$ns")"
+                if ip -n "$ns" -4 addr show dev "$dev" 2>/dev/null | grep -qF " $addr/$PREFIX "; then
+                    echo "$ns: $dev $addr/$PREFIX ($(ip -n "$ns" -br link show "$dev" | awk '{print $2}'))"
+                else
+                    echo "$ns: $dev $addr/$PREFIX MISSING"; ok=0
+                fi
+                if [[ $dev != "$IFACE" ]] \
+                    && ! ip -n "$ns" link show "$IFACE" 2>/dev/null | grep -qF "master $dev "; then
+                    echo "$ns: $IFACE is not a port of $dev"; ok=0
+                fi
             fi
         done
     fi
