@@ -236,6 +236,10 @@ pub enum Command {
         /// the received pages while the container runs (lazy pages)
         #[arg(long)]
         no_lazy_restore: bool,
+        /// Bridge of this host that a restored container's veths are
+        /// attached to; its addresses are then announced (gratuitous ARP)
+        #[arg(long)]
+        bridge: Option<String>,
     },
     /// Live-migrate a running container to a target host (the source side)
     MigrateOut {

@@ -102,6 +102,9 @@ pub struct RestoreRequest {
     /// Leave the restored tasks stopped (SIGSTOP): the caller resumes them
     /// once it knows they may run (a migration's commit).
     pub leave_stopped: bool,
+    /// External objects, e.g. `veth[eth0]:mrv1234abcd`: the outside end of
+    /// a dumped veth, created under that name in CRIU's own namespace.
+    pub externals: Vec<String>,
 }
 
 /// How CRIU treats cgroups (runc's `--manage-cgroups-mode`).
@@ -299,6 +302,9 @@ pub fn restore(bin: &CriuBinary, req: &RestoreRequest) -> Result<i32> {
     }
     for (key, val) in &req.external_mounts {
         criu.set_external_mount(key.clone(), val.clone());
+    }
+    for ext in &req.externals {
+        criu.add_external(ext.clone());
     }
     for (fd, key) in &req.inherit_fds {
         criu.add_inherit_fd(*fd, key.clone())

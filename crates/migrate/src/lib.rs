@@ -23,6 +23,7 @@ pub mod images;
 pub mod layers;
 pub mod lazy;
 pub mod memory;
+pub mod netmove;
 pub mod rootfs;
 pub mod source;
 pub mod stats;

@@ -37,6 +37,9 @@ pub struct InOptions {
     /// container runs (CRIU's lazy pages); false: CRIU copies all memory
     /// from complete images inside the downtime.
     pub lazy_restore: bool,
+    /// Bridge (in migrate-in's network namespace) that the outside ends of
+    /// a restored container's veths are attached to (see [`crate::netmove`]).
+    pub bridge: Option<String>,
 }
 
 /// What the target made for one migration, to undo on failure.
@@ -406,6 +409,7 @@ async fn receive_into(
                     return Err(e.into());
                 }
                 inc.restored = true;
+                crate::netmove::after_restore(root, &id, opts.bridge.as_deref())?;
                 inc.lazy = lazy;
                 if let Some(merged) = inc.overlay.take() {
                     // The container's mount namespace holds the overlay now;

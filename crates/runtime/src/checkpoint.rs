@@ -226,6 +226,53 @@ fn no_inet_sockets(pid: i32) -> bool {
         })
 }
 
+/// Marker in an image directory: the interfaces (besides loopback) of the
+/// dumped network namespace, one name a line. A veth among them has its
+/// peer outside the namespace (CRIU dumps only the inside end); restore
+/// recreates the pair with the outside end named by [`veth_outside_name`]
+/// in the restoring process's network namespace.
+const NETDEVS: &str = "migrun-netdevs";
+
+/// The interfaces of the network namespace of `pid`, loopback excepted.
+fn interfaces(pid: i32) -> Vec<String> {
+    fs::read_to_string(format!("/proc/{pid}/net/dev"))
+        .map(|dev| {
+            dev.lines()
+                .skip(2)
+                .filter_map(|l| l.split(':').next())
+                .map(|name| name.trim().to_string())
+                .filter(|name| !name.is_empty() && name != "lo")
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Name of the outside end of veth `inside` of container `id` restored
+/// under `root`: `mr` and 8 hex digits of a hash of the three (at most 15
+/// characters, as interface names must be), unique per root, id and name.
+pub fn veth_outside_name(root: &StateRoot, id: &str, inside: &str) -> String {
+    let text = format!("{}/{id}/{inside}", root.path().display());
+    let hash = text.bytes().fold(2166136261u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(16777619)
+    });
+    format!("mr{hash:08x}")
+}
+
+/// The CRIU externals that name the outside ends of the veths recorded in
+/// `image_path` (nothing when the namespace was dumped without interfaces).
+fn veth_externals(root: &StateRoot, id: &str, image_path: &Path) -> Vec<String> {
+    fs::read_to_string(image_path.join(NETDEVS))
+        .map(|names| {
+            names
+                .lines()
+                .map(str::trim)
+                .filter(|n| !n.is_empty() && !n.contains([']', ':', '@']))
+                .map(|n| format!("veth[{n}]:{}", veth_outside_name(root, id, n)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Sets loopback up in the network namespace of `pid` (what a fresh
 /// namespace lacks and a loopback-only container had).
 fn loopback_up(pid: i32) -> Result<()> {
@@ -405,6 +452,13 @@ pub fn dump_request(
     if empty_netns {
         fs::write(image_path.join(NETNS_EMPTIED), b"")
             .ctx(|| format!("write {}", image_path.display()))?;
+    }
+    if own_netns && !network_lock_skip {
+        let devs = interfaces(pid.as_raw());
+        if !devs.is_empty() {
+            fs::write(image_path.join(NETDEVS), devs.join("\n") + "\n")
+                .ctx(|| format!("write {}", image_path.display()))?;
+        }
     }
     let mut externals = Vec::new();
     for (typ, path) in external_namespaces(spec) {
@@ -668,6 +722,11 @@ pub fn restore(root: &StateRoot, opts: &RestoreOptions) -> Result<Container> {
         auto_dedup: opts.auto_dedup,
         rst_sibling: true,
         network_lock_skip: image_path.join(NETLOCK_SKIPPED).exists(),
+        externals: if empty_net {
+            Vec::new()
+        } else {
+            veth_externals(root, &opts.id, &image_path)
+        },
         leave_stopped: opts.leave_stopped,
     };
     let restored = migrun_criu::restore(&bin, &req);

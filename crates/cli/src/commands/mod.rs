@@ -62,6 +62,7 @@ pub fn dispatch(cli: Cli) -> Result<i32> {
             once,
             work_dir,
             no_lazy_restore,
+            bridge,
         } => migrate::migrate_in(
             &root,
             migrun_migrate::target::InOptions {
@@ -71,6 +72,7 @@ pub fn dispatch(cli: Cli) -> Result<i32> {
                 work_dir,
                 criu,
                 lazy_restore: !no_lazy_restore,
+                bridge,
             },
         ),
         Command::MigrateOut {
