@@ -8,7 +8,7 @@ export MIGRUN_BIN
 export PATH := /usr/local/sbin:/usr/local/bin:$(PATH):/root/.cargo/bin
 
 .PHONY: all deps build lint test unit-test e2e-test docker-up docker-down demo \
-        bench bench-runtime bench-checkpoint bench-migrate clean
+        bench bench-quick bench-suite bench-deps bench-test bench-runtime bench-checkpoint bench-migrate clean
 
 all: build
 
@@ -40,7 +40,23 @@ test: deps build lint unit-test e2e-test
 demo: build docker-up
 	@bash hack/demo.sh
 
-bench: bench-runtime bench-checkpoint bench-migrate
+# The whole benchmark: runtime, checkpoint and migrate figures, then the
+# live-migration suite (hack/bench/suite.sh), which regenerates
+# docs/benchmarks.md. bench-quick: the suite's short version only.
+bench: bench-runtime bench-checkpoint bench-migrate bench-suite
+
+bench-deps: deps
+	@bash hack/bench/install.sh
+
+bench-suite: build bench-deps
+	@bash hack/bench/suite.sh
+
+bench-quick: build bench-deps
+	@bash hack/bench/suite.sh --quick
+
+# One tiny scenario through the suite's code; checks every metric is there.
+bench-test: build bench-deps
+	@bash hack/bench/selftest.sh
 
 bench-runtime: build
 	@bash hack/bench-runtime.sh
