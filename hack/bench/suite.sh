@@ -418,6 +418,12 @@ migrate() {
                 || { eval "$kill_rx"; echo "copy failed: $(tail_of "$logs/$tag.socat.log")"; return 1; }
             wait "$rx" || { echo "receiving failed: $(tail_of "$logs/$tag.socat.log")"; return 1; }
             M_CP=$(now)
+            # a stopped state of the same id left on DST by an earlier
+            # migration away from it would block the restore: removed, noted
+            if mr --root "${ROOT[$dst]}" state "$id" >/dev/null 2>&1; then
+                warn "$tag: ${ROOT[$dst]} still knows $id ($(mr --root "${ROOT[$dst]}" state "$id" | jq -r .status)) before the restore: deleted"
+                mr --root "${ROOT[$dst]}" delete -f "$id" >/dev/null 2>&1 || true
+            fi
             mount -t overlay overlay -o "lowerdir=$IMG_LOWER,upperdir=$hd/upper,workdir=$hd/work" "$hd/rootfs" \
                 || { echo "overlay on the target failed"; return 1; }
             nsenter --net="/run/netns/${NS[$dst]}" -- timeout "$MIGRATE_TIMEOUT" "$MIGRUN_BIN" --root "${ROOT[$dst]}" \
