@@ -240,6 +240,10 @@ pub enum Command {
         /// attached to; its addresses are then announced (gratuitous ARP)
         #[arg(long)]
         bridge: Option<String>,
+        /// Rebuild incoming Docker containers in this Docker daemon
+        /// (unix:///PATH.sock) and restore them through it
+        #[arg(long)]
+        docker_host: Option<String>,
     },
     /// Live-migrate a running container to a target host (the source side)
     MigrateOut {
@@ -269,6 +273,10 @@ pub enum Command {
         /// Where CRIU's images of the frozen state go
         #[arg(long, default_value = "/run/migrun-out")]
         work_dir: PathBuf,
+        /// ID is a container of this Docker daemon (unix:///PATH.sock), by
+        /// name or id; it is removed from there after the migration
+        #[arg(long)]
+        docker_host: Option<String>,
     },
 }
 

@@ -63,6 +63,10 @@ pub struct DumpRequest {
     /// Skip CRIU's iptables network lock (safe when nothing outside can
     /// reach the tree's network namespace: it has only loopback).
     pub network_lock_skip: bool,
+    /// Leave out connections still being set up (SYN received, not yet
+    /// accepted) instead of failing the dump with "In-flight connection":
+    /// their clients retry, as after a lost SYN.
+    pub tcp_skip_in_flight: bool,
 }
 
 /// What to restore and how (runc's `restore` flags).
@@ -221,6 +225,9 @@ pub fn dump(bin: &CriuBinary, req: &DumpRequest) -> Result<()> {
     criu.set_root(req.root.to_string_lossy().into_owned());
     criu.set_leave_running(req.leave_running);
     criu.set_tcp_established(req.tcp_established);
+    if req.tcp_skip_in_flight {
+        criu.set_tcp_skip_in_flight(true);
+    }
     criu.set_ext_unix_sk(req.ext_unix_sk);
     criu.set_shell_job(req.shell_job);
     criu.set_file_locks(req.file_locks);

@@ -19,6 +19,7 @@
 //! - [`stats`]: the figures of a migration.
 
 pub mod dirty;
+pub mod docker;
 pub mod images;
 pub mod layers;
 pub mod lazy;
@@ -55,6 +56,9 @@ pub enum MigrateError {
     /// The runtime failed.
     #[error("{0}")]
     Runtime(#[from] migrun_runtime::RuntimeError),
+    /// A Docker daemon refused or failed a request.
+    #[error("docker: {0}")]
+    Docker(String),
 }
 
 /// Result type of the engine.

@@ -23,7 +23,7 @@ use crate::dirty::{self, DirtyTracker};
 use crate::memory::{self, MemReader, Proc, PAGE};
 use crate::rootfs::{self, Snapshot, MANIFEST};
 use crate::stats::{MigrationStats, RoundFigures};
-use crate::{layers, MigrateError, Result};
+use crate::{docker, layers, MigrateError, Result};
 
 /// Options of `migrate-out`.
 #[derive(Debug, Clone)]
@@ -46,6 +46,9 @@ pub struct OutOptions {
     pub criu: PathBuf,
     /// Where CRIU's images of the frozen state go (a tmpfs is best).
     pub work_dir: PathBuf,
+    /// Docker mode: `id` is a container of the daemon at this address
+    /// (`unix:///PATH`), which removes it after the migration.
+    pub docker_host: Option<String>,
 }
 
 /// Pages per message.
@@ -356,30 +359,100 @@ impl Source<'_> {
         Ok(bytes)
     }
 
+    /// Sends the Docker image as far as the target lacks it (after `Start`
+    /// told it the image and its layers).
+    async fn send_docker_image(&mut self, d: &DockerOut) -> Result<()> {
+        let wanted = self.layers_wanted().await?;
+        self.stats.layers_total = d.diff_ids.len();
+        if !wanted.iter().any(|w| w == docker::WANT_IMAGE) {
+            return Ok(());
+        }
+        let layers: Vec<String> = wanted
+            .into_iter()
+            .filter(|w| w != docker::WANT_IMAGE)
+            .collect();
+        if let Some(bad) = layers.iter().find(|l| !d.diff_ids.contains(l)) {
+            return Err(MigrateError::Protocol(format!(
+                "the target wants layer {bad}, which the image does not have"
+            )));
+        }
+        let saved = self
+            .opts
+            .work_dir
+            .join(format!("{}-save.tar", self.opts.id));
+        let filtered = self
+            .opts
+            .work_dir
+            .join(format!("{}-image.tar", self.opts.id));
+        let result = async {
+            d.daemon.save(&d.image, &saved).await?;
+            let kept = docker::filter_save(&saved, &filtered, &d.diff_ids, &layers)?;
+            let _ = fs::remove_file(&saved);
+            self.send_file(&filtered, docker::IMAGE_WIRE_PATH).await?;
+            Ok::<u64, MigrateError>(kept)
+        }
+        .await;
+        let _ = fs::remove_file(&saved);
+        let _ = fs::remove_file(&filtered);
+        self.stats.bytes_layers += result?;
+        self.stats.layers_sent = layers.len();
+        Ok(())
+    }
+
+    /// Waits for the target's `LayersWanted`.
+    async fn layers_wanted(&mut self) -> Result<Vec<String>> {
+        let reply = tokio::time::timeout(Duration::from_secs(60), self.replies.recv()).await;
+        match reply {
+            Ok(Some(Ok(Message::LayersWanted { digests }))) => Ok(digests),
+            Ok(Some(Ok(Message::Error { message }))) => Err(MigrateError::Peer(message)),
+            Ok(Some(Ok(other))) => Err(MigrateError::Protocol(format!(
+                "expected LayersWanted, got {other:?}"
+            ))),
+            Ok(Some(Err(e))) => Err(e.into()),
+            Ok(None) => Err(MigrateError::Peer(
+                "the target closed the connection".into(),
+            )),
+            Err(_) => Err(MigrateError::Peer(
+                "the target did not answer the layer offer in 60 s".into(),
+            )),
+        }
+    }
+
+    /// Sends the file at `path` under the wire name `wire`.
+    async fn send_file(&mut self, path: &Path, wire: &str) -> Result<u64> {
+        let mut file = fs::File::open(path)
+            .map_err(|e| MigrateError::Source(format!("read {}: {e}", path.display())))?;
+        let mut offset = 0u64;
+        let mut chunk = vec![0u8; FILE_CHUNK];
+        loop {
+            let n = file
+                .read(&mut chunk)
+                .map_err(|e| MigrateError::Source(format!("read {}: {e}", path.display())))?;
+            if n == 0 {
+                break;
+            }
+            self.ch
+                .send(&Message::FileChunk {
+                    path: wire.to_string(),
+                    offset,
+                    data: migrun_wire::Bytes::copy_from_slice(&chunk[..n]),
+                })
+                .await?;
+            offset += n as u64;
+        }
+        self.ch
+            .send(&Message::FileDone {
+                path: wire.to_string(),
+                size: offset,
+            })
+            .await?;
+        Ok(offset)
+    }
+
     /// Sends the lower layers the target asked for (after `Start` offered
     /// them all); the others never cross the wire.
     async fn send_wanted_layers(&mut self, offered: &[(String, PathBuf)]) -> Result<()> {
-        let reply = tokio::time::timeout(Duration::from_secs(60), self.replies.recv()).await;
-        let wanted = match reply {
-            Ok(Some(Ok(Message::LayersWanted { digests }))) => digests,
-            Ok(Some(Ok(Message::Error { message }))) => return Err(MigrateError::Peer(message)),
-            Ok(Some(Ok(other))) => {
-                return Err(MigrateError::Protocol(format!(
-                    "expected LayersWanted, got {other:?}"
-                )))
-            }
-            Ok(Some(Err(e))) => return Err(e.into()),
-            Ok(None) => {
-                return Err(MigrateError::Peer(
-                    "the target closed the connection".into(),
-                ))
-            }
-            Err(_) => {
-                return Err(MigrateError::Peer(
-                    "the target did not answer the layer offer in 60 s".into(),
-                ))
-            }
-        };
+        let wanted = self.layers_wanted().await?;
         self.stats.layers_total = offered.len();
         for digest in wanted {
             let Some((_, dir)) = offered.iter().find(|(d, _)| *d == digest) else {
@@ -477,6 +550,78 @@ fn free_port() -> Result<u16> {
 /// Migrates container `opts.id` to `opts.to`. On success the container is
 /// gone here and runs there; on failure it runs here as before.
 pub async fn migrate_out(root: &StateRoot, opts: &OutOptions) -> Result<MigrationStats> {
+    match &opts.docker_host {
+        Some(host) => docker_out(host, opts).await,
+        None => migrate(root, opts, None).await,
+    }
+}
+
+/// A Docker container on its way out.
+struct DockerOut {
+    daemon: docker::Daemon,
+    inspect: serde_json::Value,
+    image: String,
+    diff_ids: Vec<String>,
+    upper: PathBuf,
+}
+
+/// `migrate-out --docker-host`: the container `opts.id` (a name or id) of
+/// that daemon; removed from it after success.
+async fn docker_out(host: &str, opts: &OutOptions) -> Result<MigrationStats> {
+    let daemon = docker::Daemon::connect(host)?;
+    daemon.check_driver().await?;
+    let inspect = daemon.container(&opts.id).await?;
+    let id = inspect["Id"].as_str().unwrap_or_default().to_string();
+    if inspect["State"]["Running"] != serde_json::Value::Bool(true)
+        || inspect["State"]["Paused"] == serde_json::Value::Bool(true)
+    {
+        return Err(MigrateError::Source(format!(
+            "container {} is not running",
+            opts.id
+        )));
+    }
+    if inspect["HostConfig"]["Runtime"].as_str() != Some("migrun") {
+        return Err(MigrateError::Source(format!(
+            "container {} runs with runtime {}, not migrun (docker run --runtime=migrun)",
+            opts.id,
+            inspect["HostConfig"]["Runtime"].as_str().unwrap_or("runc")
+        )));
+    }
+    let pid = inspect["State"]["Pid"].as_i64().unwrap_or(0);
+    let root = StateRoot::open(&docker::runtime_root(pid)?, false)?;
+    let upper = inspect["GraphDriver"]["Data"]["UpperDir"]
+        .as_str()
+        .map(PathBuf::from)
+        .ok_or_else(|| {
+            MigrateError::Source(format!("container {} has no upper directory", opts.id))
+        })?;
+    let image = inspect["Image"].as_str().unwrap_or_default().to_string();
+    let diff_ids = daemon
+        .image_diff_ids(&image)
+        .await?
+        .ok_or_else(|| MigrateError::Source(format!("image {image} is gone")))?;
+    let ctx = DockerOut {
+        daemon,
+        inspect,
+        image,
+        diff_ids,
+        upper,
+    };
+    let mut o = opts.clone();
+    o.id = id.clone();
+    let stats = migrate(&root, &o, Some(&ctx)).await?;
+    if let Err(e) = ctx.daemon.remove(&id).await {
+        eprintln!("migrate-out: the container runs on the target; removing it here failed: {e}");
+    }
+    Ok(stats)
+}
+
+/// One migration of container `opts.id` under `root`.
+async fn migrate(
+    root: &StateRoot,
+    opts: &OutOptions,
+    docker: Option<&DockerOut>,
+) -> Result<MigrationStats> {
     let started = Instant::now();
     let container = root.load(&opts.id)?;
     if container.status() != libcontainer::container::ContainerStatus::Running {
@@ -536,7 +681,14 @@ pub async fn migrate_out(root: &StateRoot, opts: &OutOptions) -> Result<Migratio
     };
     // An overlay root filesystem: its lower layers are offered by digest,
     // its upper directory is what the rounds sync.
-    let overlay = layers::overlay_of(&src.rootfs, container.pid().map(|p| p.as_raw()));
+    let overlay = match docker {
+        // Docker's image layers go through Docker; its upper dir is synced.
+        Some(d) => {
+            src.rootfs = d.upper.clone();
+            None
+        }
+        None => layers::overlay_of(&src.rootfs, container.pid().map(|p| p.as_raw())),
+    };
     let mut offered = Vec::new();
     if let Some(o) = &overlay {
         for dir in &o.lower {
@@ -561,6 +713,11 @@ pub async fn migrate_out(root: &StateRoot, opts: &OutOptions) -> Result<Migratio
                 "overlay": overlay.as_ref().map(|_| serde_json::json!({
                     "layers": offered.iter().map(|(d, _)| d.clone()).collect::<Vec<_>>(),
                 })),
+                "docker": docker.map(|d| serde_json::json!({
+                    "inspect": d.inspect,
+                    "image": d.image,
+                    "diff_ids": d.diff_ids,
+                })),
             })
             .to_string(),
             memory: MemoryTotals {
@@ -574,6 +731,11 @@ pub async fn migrate_out(root: &StateRoot, opts: &OutOptions) -> Result<Migratio
     src.start_bar(resident);
     let result = if overlay.is_some() {
         match src.send_wanted_layers(&offered).await {
+            Ok(()) => run_source(&mut src, &spec).await,
+            Err(e) => Err((e, None)),
+        }
+    } else if let Some(d) = docker {
+        match src.send_docker_image(d).await {
             Ok(()) => run_source(&mut src, &spec).await,
             Err(e) => Err((e, None)),
         }
@@ -626,6 +788,7 @@ pub async fn migrate_out(root: &StateRoot, opts: &OutOptions) -> Result<Migratio
             src.throttle.release();
             let err = src.peer_reason(err).await;
             src.stop_trackers();
+            crate::netmove::release(root, &opts.id);
             // Thaw the container exactly as it was.
             if let Ok(c) = root.load(&opts.id) {
                 if c.status() == libcontainer::container::ContainerStatus::Paused {
@@ -754,7 +917,14 @@ async fn run_source(
         src.stats.precopy_rounds = round + 1;
     }
 
-    // The freeze.
+    // CRIU cannot dump a connection not yet accepted: hold new ones off and
+    // let the accept queues drain while the container still runs.
+    crate::netmove::quiesce(src.root, &src.opts.id);
+    // The freeze. A throttled container is let go first: under a CPU cap
+    // of a fraction of a percent its tasks take long to reach the freezer,
+    // and CRIU's dump of them would crawl too. It is frozen microseconds
+    // later, so the burst of dirtying this allows is nil.
+    src.throttle.release();
     let freeze = Instant::now();
     let at_freeze = traffic.bytes_total();
     lifecycle::pause(src.root, &src.opts.id).map_err(|e| (e.into(), None))?;
@@ -918,9 +1088,19 @@ fn start_lazy_dump(
         // The target puts the restored tree in a cgroup of its own making:
         // the source's cgroup properties would only cost dump time.
         manage_cgroups_mode: Some("ignore".into()),
+        // A Docker container's network is Docker's: the target daemon sets
+        // up the new one (its own address) as for any container it starts.
+        empty_ns: if src.opts.docker_host.is_some() {
+            vec!["network".into()]
+        } else {
+            Vec::new()
+        },
         ..Default::default()
     };
-    let req = checkpoint::dump_request(src.root, &container, spec, images, &opts)?;
+    let mut req = checkpoint::dump_request(src.root, &container, spec, images, &opts)?;
+    // A server under load has connections half set up at any moment: the
+    // clients retry them, as after a lost SYN, on the target.
+    req.tcp_skip_in_flight = true;
     let bin = checkpoint::criu_binary(&src.opts.criu)?;
     let thread = std::thread::spawn(move || {
         let _keep = write;

@@ -13,6 +13,7 @@ use migrun_runtime::checkpoint::{self, RestoreOptions};
 use migrun_runtime::{lifecycle, StateRoot};
 use migrun_wire::{Channel, Message};
 
+use crate::docker::{self, Daemon};
 use crate::layers::{self, LayerStore};
 use crate::lazy::{self, LazyPages};
 use crate::rootfs::{self, MANIFEST};
@@ -40,6 +41,9 @@ pub struct InOptions {
     /// Bridge (in migrate-in's network namespace) that the outside ends of
     /// a restored container's veths are attached to (see [`crate::netmove`]).
     pub bridge: Option<String>,
+    /// Docker mode: rebuild incoming Docker containers in the daemon at
+    /// this address (`unix:///PATH`) and restore them through it.
+    pub docker_host: Option<String>,
 }
 
 /// What the target made for one migration, to undo on failure.
@@ -54,10 +58,60 @@ struct Incoming {
     overlay: Option<PathBuf>,
     /// The layer store, whose unfinished layers a failure removes.
     layers: PathBuf,
+    /// Docker mode: the daemon and what was made in it.
+    docker: Option<DockerIn>,
+}
+
+/// An incoming Docker container: what the source said, and what this side
+/// made in its daemon (removed again on failure).
+struct DockerIn {
+    daemon: Daemon,
+    inspect: serde_json::Value,
+    image: String,
+    /// The container created here (not started until the restore).
+    container: Option<String>,
+    /// Whether the image was loaded for this migration.
+    loaded_image: bool,
+}
+
+impl DockerIn {
+    /// Creates the container in the daemon; returns its upper directory.
+    async fn create(&mut self) -> Result<PathBuf> {
+        let reference = self.inspect["Config"]["Image"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let image = self.daemon.reference_for(&self.image, &reference).await?;
+        self.inspect["Config"]["Image"] = serde_json::Value::from(image);
+        let id = self.daemon.create_like(&self.inspect).await?;
+        self.container = Some(id.clone());
+        let c = self.daemon.container(&id).await?;
+        c["GraphDriver"]["Data"]["UpperDir"]
+            .as_str()
+            .map(PathBuf::from)
+            .ok_or_else(|| {
+                MigrateError::Docker(format!("new container {id} has no upper directory"))
+            })
+    }
+
+    /// Removes what this migration made in the daemon.
+    async fn undo(&mut self) {
+        if let Some(id) = self.container.take() {
+            if let Err(e) = self.daemon.remove(&id).await {
+                eprintln!("migrate-in: {e}");
+            }
+        }
+        if self.loaded_image {
+            let _ = self.daemon.remove_image(&self.image).await;
+        }
+    }
 }
 
 impl Incoming {
-    fn undo(&mut self, root: &StateRoot) {
+    async fn undo(&mut self, root: &StateRoot) {
+        if let Some(mut d) = self.docker.take() {
+            d.undo().await;
+        }
         if let Some(mut lazy) = self.lazy.take() {
             lazy.abort();
         }
@@ -181,12 +235,13 @@ async fn receive(root: &StateRoot, opts: &InOptions, mut ch: Channel) -> Result<
         lazy: None,
         overlay: None,
         layers: opts.work_dir.join("layers"),
+        docker: None,
     };
     let result = receive_into(root, opts, &mut ch, &mut inc).await;
     match result {
         Ok(id) => Ok(id),
         Err(e) => {
-            inc.undo(root);
+            inc.undo(root).await;
             let _ = ch
                 .send(&Message::Error {
                     message: e.to_string(),
@@ -263,7 +318,9 @@ async fn receive_into(
                 spec_json,
                 memory,
             } => {
-                crate_id_check(root, &container_id)?;
+                if opts.docker_host.is_none() {
+                    crate_id_check(root, &container_id)?;
+                }
                 // Found (and its version asked) now, not inside the downtime.
                 checkpoint::criu_binary(&opts.criu)?;
                 let v: serde_json::Value = serde_json::from_str(&spec_json)
@@ -274,6 +331,26 @@ async fn receive_into(
                 let path = bundle.join("config.json");
                 fs::write(&path, local_config(config, &container_id, root)?)
                     .map_err(|e| io(&path, e))?;
+                match (v.get("docker").filter(|d| !d.is_null()), &opts.docker_host) {
+                    (Some(d), Some(host)) => {
+                        let (dock, upper) = docker_start(host, d, ch).await?;
+                        inc.docker = Some(dock);
+                        if let Some(upper) = upper {
+                            rootfs_dir = upper;
+                        }
+                    }
+                    (Some(_), None) => {
+                        return Err(MigrateError::Target(
+                            "the source sends a Docker container: run migrate-in with --docker-host".into(),
+                        ))
+                    }
+                    (None, Some(_)) => {
+                        return Err(MigrateError::Target(
+                            "migrate-in --docker-host takes Docker containers (migrate-out --docker-host); the source sends a migrun container".into(),
+                        ))
+                    }
+                    (None, None) => {}
+                }
                 if let Some(offer) = v["overlay"]["layers"].as_array() {
                     let digests: Vec<String> = offer
                         .iter()
@@ -315,7 +392,9 @@ async fn receive_into(
                 }
             }
             Message::FileChunk { path, offset, data } => {
-                if let Some((digest, rel)) = layer_path(&path) {
+                if path == docker::IMAGE_WIRE_PATH {
+                    rootfs::write_chunk(&inc.dir, "image.tar", offset, &data)?;
+                } else if let Some((digest, rel)) = layer_path(&path) {
                     let dir = layer_store.incoming(digest)?;
                     if rel == MANIFEST {
                         layer_manifests
@@ -332,7 +411,19 @@ async fn receive_into(
                 }
             }
             Message::FileDone { path, size } => {
-                if let Some((digest, rel)) = layer_path(&path) {
+                if path == docker::IMAGE_WIRE_PATH {
+                    rootfs::finish_file(&inc.dir, "image.tar", size)?;
+                    let dock = inc.docker.as_mut().ok_or_else(|| {
+                        MigrateError::Protocol(
+                            "an image for a container that is not Docker's".into(),
+                        )
+                    })?;
+                    dock.daemon.load(&inc.dir.join("image.tar")).await?;
+                    dock.loaded_image = true;
+                    let _ = fs::remove_file(inc.dir.join("image.tar"));
+                    eprintln!("migrate-in: image {} loaded", dock.image);
+                    rootfs_dir = dock.create().await?;
+                } else if let Some((digest, rel)) = layer_path(&path) {
                     let dir = layer_store.incoming(digest)?;
                     if rel == MANIFEST {
                         let bytes = layer_manifests.remove(digest).unwrap_or_default();
@@ -374,6 +465,9 @@ async fn receive_into(
             Message::Commit => {
                 if id.is_empty() {
                     return Err(MigrateError::Protocol("commit before start".into()));
+                }
+                if inc.docker.is_some() {
+                    return docker_commit(root, &image_dir, store, ch, inc).await;
                 }
                 let t = Instant::now();
                 eprintln!("migrate-in: restoring {id}");
@@ -508,6 +602,150 @@ fn start_lazy_pages(
             Ok(None)
         }
     }
+}
+
+/// Docker mode, on `Start`: checks the daemon, asks the source for what of
+/// the image it lacks, and creates the container at once if it has the
+/// image. Returns the container's upper directory once it exists.
+async fn docker_start(
+    host: &str,
+    d: &serde_json::Value,
+    ch: &mut Channel,
+) -> Result<(DockerIn, Option<PathBuf>)> {
+    let daemon = Daemon::connect(host)?;
+    daemon.check_driver().await?;
+    let inspect = d["inspect"].clone();
+    let name = inspect["Name"]
+        .as_str()
+        .unwrap_or_default()
+        .trim_start_matches('/')
+        .to_string();
+    if daemon.container(&name).await.is_ok() {
+        return Err(MigrateError::Target(format!(
+            "a container named {name} already exists on the target daemon"
+        )));
+    }
+    let image = d["image"].as_str().unwrap_or_default().to_string();
+    let diff_ids: Vec<String> = d["diff_ids"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    let wanted = if daemon.image_diff_ids(&image).await?.is_some() {
+        Vec::new()
+    } else {
+        let have = daemon.chain_ids().await?;
+        let mut w = vec![docker::WANT_IMAGE.to_string()];
+        w.extend(docker::missing_layers(&diff_ids, &have));
+        w
+    };
+    eprintln!(
+        "migrate-in: Docker container {name}: image {}, {} of {} layers to receive",
+        if wanted.is_empty() {
+            "present"
+        } else {
+            "missing"
+        },
+        wanted.len().saturating_sub(1),
+        diff_ids.len()
+    );
+    let need_image = !wanted.is_empty();
+    ch.send(&Message::LayersWanted { digests: wanted }).await?;
+    let mut dock = DockerIn {
+        daemon,
+        inspect,
+        image,
+        container: None,
+        loaded_image: false,
+    };
+    let upper = if need_image {
+        None
+    } else {
+        Some(dock.create().await?)
+    };
+    Ok((dock, upper))
+}
+
+/// Docker mode, on `Commit`: completes CRIU's images, puts them in the new
+/// container's checkpoint directory and starts it from there through the
+/// daemon (stopped until the source let go: see LEAVE_STOPPED_MARKER).
+async fn docker_commit(
+    _root: &StateRoot,
+    image_dir: &Path,
+    store: PageStore,
+    ch: &mut Channel,
+    inc: &mut Incoming,
+) -> Result<String> {
+    let t = Instant::now();
+    let dock = inc
+        .docker
+        .as_mut()
+        .ok_or_else(|| MigrateError::Target("not a Docker migration".into()))?;
+    let cid = dock
+        .container
+        .clone()
+        .ok_or_else(|| MigrateError::Protocol("commit before the image arrived".into()))?;
+    let name = dock.inspect["Name"]
+        .as_str()
+        .unwrap_or_default()
+        .trim_start_matches('/')
+        .to_string();
+    images::complete_images(image_dir, &store)?;
+    drop(store);
+    let checkpoint = format!("migrun-{}", unique());
+    let dir = dock
+        .daemon
+        .root_dir()
+        .await?
+        .join("containers")
+        .join(&cid)
+        .join("checkpoints")
+        .join(&checkpoint);
+    let io = |p: &Path, e: std::io::Error| MigrateError::Target(format!("{}: {e}", p.display()));
+    fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
+    for entry in fs::read_dir(image_dir)
+        .map_err(|e| io(image_dir, e))?
+        .flatten()
+    {
+        let to = dir.join(entry.file_name());
+        fs::copy(entry.path(), &to).map_err(|e| io(&to, e))?;
+    }
+    let marker = dir.join(docker::LEAVE_STOPPED_MARKER);
+    fs::write(&marker, b"").map_err(|e| io(&marker, e))?;
+    dock.daemon.start_from_checkpoint(&cid, &checkpoint).await?;
+    inc.restored = true;
+    eprintln!(
+        "migrate-in: restored {name} ({cid:.12}) through Docker in {:.0} ms",
+        t.elapsed().as_secs_f64() * 1000.0
+    );
+    ch.send(&Message::Ack).await?;
+    match ch.recv().await {
+        Ok(Message::Done) => {}
+        Ok(other) => {
+            return Err(MigrateError::Protocol(format!(
+                "expected Done, got {other:?}"
+            )))
+        }
+        Err(e) => {
+            return Err(MigrateError::Peer(format!(
+                "source gone before it released the container: {e}"
+            )))
+        }
+    }
+    let running = dock.daemon.container(&cid).await?;
+    let pid = running["State"]["Pid"].as_i64().unwrap_or(0);
+    let runtime = StateRoot::open(&docker::runtime_root(pid)?, false)?;
+    checkpoint::continue_container(&runtime, &cid)?;
+    let _ = ch.send(&Message::Ack).await;
+    let _ = fs::remove_dir_all(&dir);
+    let _ = fs::remove_dir_all(image_dir);
+    // It is Docker's now: nothing to undo.
+    dock.container = None;
+    dock.loaded_image = false;
+    Ok(name)
 }
 
 /// Splits a layer file's wire path into its layer digest and relative path.

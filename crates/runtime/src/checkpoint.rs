@@ -103,6 +103,12 @@ pub struct RestoreOptions {
     pub leave_stopped: bool,
 }
 
+/// A file in an image directory that makes [`restore`] leave the restored
+/// processes stopped, as `leave_stopped` does: a migration into a Docker
+/// daemon restores through Docker (containerd runs `migrun restore`), and
+/// the target must still not run its copy before the source let go of its.
+pub const LEAVE_STOPPED_MARKER: &str = "migrun-leave-stopped";
+
 /// Resumes the processes of a container restored with `leave_stopped`.
 pub fn continue_container(root: &StateRoot, id: &str) -> Result<()> {
     let container = root.load(id)?;
@@ -492,6 +498,7 @@ pub fn dump_request(
         externals,
         freeze_cgroup: freezer_dir(container),
         network_lock_skip,
+        tcp_skip_in_flight: false,
     })
 }
 
@@ -727,7 +734,7 @@ pub fn restore(root: &StateRoot, opts: &RestoreOptions) -> Result<Container> {
         } else {
             veth_externals(root, &opts.id, &image_path)
         },
-        leave_stopped: opts.leave_stopped,
+        leave_stopped: opts.leave_stopped || opts.image_path.join(LEAVE_STOPPED_MARKER).exists(),
     };
     let restored = migrun_criu::restore(&bin, &req);
     back.restore();

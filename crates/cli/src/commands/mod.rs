@@ -63,6 +63,7 @@ pub fn dispatch(cli: Cli) -> Result<i32> {
             work_dir,
             no_lazy_restore,
             bridge,
+            docker_host,
         } => migrate::migrate_in(
             &root,
             migrun_migrate::target::InOptions {
@@ -73,6 +74,7 @@ pub fn dispatch(cli: Cli) -> Result<i32> {
                 criu,
                 lazy_restore: !no_lazy_restore,
                 bridge,
+                docker_host,
             },
         ),
         Command::MigrateOut {
@@ -85,6 +87,7 @@ pub fn dispatch(cli: Cli) -> Result<i32> {
             no_precopy,
             stats_json,
             work_dir,
+            docker_host,
         } => migrate::migrate_out(
             &root,
             migrun_migrate::source::OutOptions {
@@ -97,6 +100,7 @@ pub fn dispatch(cli: Cli) -> Result<i32> {
                 no_precopy,
                 criu,
                 work_dir,
+                docker_host,
             },
             stats_json.as_deref(),
         ),
