@@ -7,8 +7,8 @@ MIGRUN_BIN := $(CURDIR)/target/release/migrun
 export MIGRUN_BIN
 export PATH := /usr/local/sbin:/usr/local/bin:$(PATH):/root/.cargo/bin
 
-.PHONY: all deps build lint test unit-test e2e-test docker-up docker-down demo \
-        bench bench-quick bench-suite bench-deps bench-test bench-runtime bench-checkpoint bench-migrate clean
+.PHONY: all deps build lint test unit-test e2e-test docker-up docker-down containerd-up containerd-down demo \
+        bench-shim bench bench-quick bench-suite bench-deps bench-test bench-runtime bench-checkpoint bench-migrate clean
 
 all: build
 
@@ -28,10 +28,18 @@ docker-up: build
 docker-down:
 	@bash hack/docker.sh down
 
+# A containerd of the project's own with the shim containerd-shim-migrun-v1
+# (runtime io.containerd.migrun.v1) and busybox:local.
+containerd-up: build
+	@bash hack/containerd.sh up
+
+containerd-down:
+	@bash hack/containerd.sh down
+
 unit-test:
 	$(CARGO) test --workspace --exclude migrun-tests
 
-e2e-test: build docker-up
+e2e-test: build docker-up containerd-up
 	$(CARGO) test -p migrun-tests -- --test-threads=2
 
 # The README's test command: lint, unit tests, end-to-end tests.
@@ -66,6 +74,10 @@ bench-checkpoint: build
 
 bench-migrate: build
 	@bash hack/bench-migrate.sh
+
+# The shim against containerd's io.containerd.runc.v2: RSS per container, `ctr run --rm` latency.
+bench-shim: build containerd-up
+	@bash hack/bench-shim.sh
 
 clean:
 	$(CARGO) clean

@@ -7,7 +7,7 @@
 //! new cgroup.
 
 use std::fs;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 
 use libcgroups::common::{CgroupConfig, CgroupManager, ControllerOpt};
@@ -576,6 +576,53 @@ impl CgroupReturn {
     }
 }
 
+/// Creates the spec's missing mount points under `rootfs` before a restore,
+/// as runc does: directories, or empty files for bind mounts of files.
+/// Never follows a symbolic link inside the rootfs (such a mount point is
+/// left alone, and CRIU reports it).
+fn create_mountpoints(rootfs: &Path, spec: &Spec) {
+    for m in spec.mounts().iter().flatten() {
+        let rel: PathBuf = m
+            .destination()
+            .components()
+            .filter(|c| matches!(c, std::path::Component::Normal(_)))
+            .collect();
+        if rel.as_os_str().is_empty() {
+            continue;
+        }
+        let mut path = rootfs.to_path_buf();
+        let mut safe = true;
+        let count = rel.components().count();
+        for (i, part) in rel.components().enumerate() {
+            path.push(part);
+            match fs::symlink_metadata(&path) {
+                Ok(meta) if meta.file_type().is_symlink() => {
+                    safe = false;
+                    break;
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    let file = i + 1 == count
+                        && libcontainer::rootfs::utils::is_bind(m)
+                        && m.source().as_ref().is_some_and(|s| s.is_file());
+                    let made = if file {
+                        fs::write(&path, b"")
+                    } else {
+                        fs::create_dir(&path)
+                    };
+                    if made.is_err() {
+                        safe = false;
+                        break;
+                    }
+                }
+            }
+        }
+        if !safe {
+            tracing::debug!("mount point {} not created", m.destination().display());
+        }
+    }
+}
+
 /// Undoes a failed restore: rootfs bind mount, cgroup, state directory.
 fn abandon_restore(dir: &Path, criu_root: &Path, cgroup: Option<&dyn Fn()>) {
     let _ = umount2(criu_root, MntFlags::MNT_DETACH);
@@ -587,6 +634,18 @@ fn abandon_restore(dir: &Path, criu_root: &Path, cgroup: Option<&dyn Fn()>) {
 
 /// Restores a container from CRIU images into a new container `opts.id`.
 pub fn restore(root: &StateRoot, opts: &RestoreOptions) -> Result<Container> {
+    restore_with_stdio(root, opts, [0, 1, 2])
+}
+
+/// [`restore`], with the checkpointed stdio pipes bound to `stdio` (the
+/// descriptors that become the restored process's fds 0, 1 and 2) instead
+/// of the calling process's own stdio. CRIU inherits them, so they must not
+/// be close-on-exec.
+pub fn restore_with_stdio(
+    root: &StateRoot,
+    opts: &RestoreOptions,
+    stdio: [RawFd; 3],
+) -> Result<Container> {
     let _span = tracing::info_span!("restore", id = %opts.id).entered();
     crate::id::validate(&opts.id)?;
     if root.container_dir(&opts.id).exists() {
@@ -622,6 +681,9 @@ pub fn restore(root: &StateRoot, opts: &RestoreOptions) -> Result<Container> {
 
     // CRIU mounts the root from a private bind mount of the rootfs (as runc does).
     let rootfs = lifecycle::rootfs_of(&bundle, &spec);
+    // CRIU mounts the checkpointed mounts on their mount points: a fresh
+    // rootfs (containerd's new snapshot) may lack them, e.g. /run.
+    create_mountpoints(&rootfs, &spec);
     let criu_root = dir.join("criu-root");
     let bound = fs::create_dir_all(&criu_root)
         .ctx(|| format!("create {}", criu_root.display()))
@@ -710,7 +772,7 @@ pub fn restore(root: &StateRoot, opts: &RestoreOptions) -> Result<Container> {
     // The checkpointed stdio pipes become this process's stdio (as runc does).
     for (fd, target) in descriptors.iter().enumerate() {
         if target.contains("pipe:") {
-            inherit.push((fd as i32, target.clone()));
+            inherit.push((stdio.get(fd).copied().unwrap_or(fd as i32), target.clone()));
         }
     }
     let req = RestoreRequest {

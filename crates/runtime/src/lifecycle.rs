@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::fs;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
 use libcgroups::common::{AnyCgroupManager, CgroupConfig, CgroupManager};
@@ -36,6 +37,35 @@ pub struct CreateOptions {
     pub preserve_fds: i32,
     /// Whether the caller detaches (always true for `create`).
     pub detach: bool,
+}
+
+/// Descriptors that become a new container process's stdin, stdout and
+/// stderr, for programs that link this library (the containerd shim hands
+/// its pipes over this way). `None` keeps the caller's own descriptor.
+#[derive(Debug, Default)]
+pub struct Stdio {
+    /// The process's stdin.
+    pub stdin: Option<OwnedFd>,
+    /// The process's stdout.
+    pub stdout: Option<OwnedFd>,
+    /// The process's stderr.
+    pub stderr: Option<OwnedFd>,
+}
+
+impl Stdio {
+    /// Hands the descriptors to a libcontainer builder.
+    fn apply(self, mut builder: ContainerBuilder) -> ContainerBuilder {
+        if let Some(fd) = self.stdin {
+            builder = builder.with_stdin(fd);
+        }
+        if let Some(fd) = self.stdout {
+            builder = builder.with_stdout(fd);
+        }
+        if let Some(fd) = self.stderr {
+            builder = builder.with_stderr(fd);
+        }
+        builder
+    }
 }
 
 /// Loads and checks a bundle's config.json, with errors that name the problem.
@@ -99,6 +129,16 @@ pub(crate) fn rootfs_of(bundle: &Path, spec: &Spec) -> PathBuf {
 ///
 /// On failure nothing is left behind: no state directory, cgroup or process.
 pub fn create(root: &StateRoot, opts: &CreateOptions) -> Result<Container> {
+    create_with_stdio(root, opts, Stdio::default())
+}
+
+/// [`create`], with the init process's stdio taken from `stdio` instead of
+/// the calling process's.
+pub fn create_with_stdio(
+    root: &StateRoot,
+    opts: &CreateOptions,
+    stdio: Stdio,
+) -> Result<Container> {
     id::validate(&opts.id)?;
     if root.exists(&opts.id) || root.container_dir(&opts.id).exists() {
         return Err(RuntimeError::AlreadyExists(opts.id.clone()));
@@ -117,8 +157,10 @@ pub fn create(root: &StateRoot, opts: &CreateOptions) -> Result<Container> {
         .with_pid_file(opts.pid_file.as_ref())
         .and_then(|b| b.with_root_path(root.path()))
         .map(|b| {
-            b.with_console_socket(opts.console_socket.as_ref())
-                .with_preserved_fds(opts.preserve_fds)
+            stdio.apply(
+                b.with_console_socket(opts.console_socket.as_ref())
+                    .with_preserved_fds(opts.preserve_fds),
+            )
         })
         .and_then(|b| b.validate_id())
         .and_then(|b| {
@@ -370,6 +412,12 @@ fn env_map(env: &[String]) -> Result<HashMap<String, String>> {
 
 /// Starts a new process inside a running container and returns its pid.
 pub fn exec(root: &StateRoot, opts: &ExecOptions) -> Result<Pid> {
+    exec_with_stdio(root, opts, Stdio::default())
+}
+
+/// [`exec`], with the new process's stdio taken from `stdio` instead of the
+/// calling process's.
+pub fn exec_with_stdio(root: &StateRoot, opts: &ExecOptions, stdio: Stdio) -> Result<Pid> {
     let container = root.load(&opts.id)?;
     if container.status() != ContainerStatus::Running {
         return Err(wrong_status(&container, "exec"));
@@ -393,7 +441,7 @@ pub fn exec(root: &StateRoot, opts: &ExecOptions) -> Result<Pid> {
         None
     };
     let process = tty_process.clone().or_else(|| opts.process.clone());
-    let result = build_tenant(root, opts, env, process);
+    let result = build_tenant(root, opts, env, process, stdio);
     if let Some(path) = tty_process {
         let _ = fs::remove_file(path);
     }
@@ -406,6 +454,7 @@ fn build_tenant(
     opts: &ExecOptions,
     env: HashMap<String, String>,
     process: Option<PathBuf>,
+    stdio: Stdio,
 ) -> Result<Pid> {
     ContainerBuilder::new(opts.id.clone(), SyscallType::default())
         .with_root_path(root.path())
@@ -413,7 +462,7 @@ fn build_tenant(
             b.with_console_socket(opts.console_socket.as_ref())
                 .with_pid_file(opts.pid_file.as_ref())
         })
-        .map(|b| b.with_preserved_fds(opts.preserve_fds))
+        .map(|b| stdio.apply(b.with_preserved_fds(opts.preserve_fds)))
         .and_then(|b| b.validate_id())
         .and_then(|b| {
             b.as_tenant()
