@@ -7,7 +7,7 @@ MIGRUN_BIN := $(CURDIR)/target/release/migrun
 export MIGRUN_BIN
 export PATH := /usr/local/sbin:/usr/local/bin:$(PATH):/root/.cargo/bin
 
-.PHONY: all deps build lint test unit-test e2e-test docker-up docker-down containerd-up containerd-down demo \
+.PHONY: all deps build lint test unit-test e2e-test docker-up docker-down docker-up-b docker-down-b containerd-up containerd-down demo \
         bench-shim bench bench-quick bench-suite bench-deps bench-test bench-runtime bench-checkpoint bench-migrate clean
 
 all: build
@@ -28,6 +28,16 @@ docker-up: build
 docker-down:
 	@bash hack/docker.sh down
 
+# A second dockerd on this host (own state dir, bridge and subnet), the
+# target of the Docker-to-Docker migration tests.
+DOCKER_B := MIGRUN_DOCKER_DIR=/var/lib/migrun-docker-b MIGRUN_DOCKER_BRIDGE=mr-docker1 MIGRUN_DOCKER_CIDR=172.31.251.1/24
+
+docker-up-b: build
+	@$(DOCKER_B) bash hack/docker.sh up
+
+docker-down-b:
+	@$(DOCKER_B) bash hack/docker.sh down
+
 # A containerd of the project's own with the shim containerd-shim-migrun-v1
 # (runtime io.containerd.migrun.v1) and busybox:local.
 containerd-up: build
@@ -39,7 +49,7 @@ containerd-down:
 unit-test:
 	$(CARGO) test --workspace --exclude migrun-tests
 
-e2e-test: build docker-up containerd-up
+e2e-test: build docker-up docker-up-b containerd-up
 	$(CARGO) test -p migrun-tests -- --test-threads=2
 
 # The README's test command: lint, unit tests, end-to-end tests.

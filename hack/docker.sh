@@ -7,8 +7,12 @@
 #   env     print `export DOCKER_HOST=...` (use: eval "$(hack/docker.sh env)")
 #   status  exit 0 if it runs and answers
 # Environment:
-#   MIGRUN_DOCKER_DIR  state dir (default /var/lib/migrun-docker)
-#   MIGRUN_BIN         runtime binary (default <repo>/target/release/migrun)
+#   MIGRUN_DOCKER_DIR     state dir (default /var/lib/migrun-docker)
+#   MIGRUN_DOCKER_BRIDGE  bridge name (default mr-docker0), and
+#   MIGRUN_DOCKER_CIDR    its address (default 172.31.250.1/24): a second
+#                         daemon on the same host needs its own (see the
+#                         Makefile's docker-up-b)
+#   MIGRUN_BIN            runtime binary (default <repo>/target/release/migrun)
 # Everything lives under the state dir: data/ (data-root), exec/ (exec-root,
 # with dockerd's managed containerd), docker.pid, docker.sock, dockerd.log,
 # daemon.json. Containers use the bridge mr-docker0 (172.31.250.1/24).
@@ -18,8 +22,8 @@ set -euo pipefail
 
 DIR="${MIGRUN_DOCKER_DIR:-/var/lib/migrun-docker}"
 MIGRUN_BIN="${MIGRUN_BIN:-$REPO_ROOT/target/release/migrun}"
-BRIDGE=mr-docker0
-BRIDGE_CIDR=172.31.250.1/24
+BRIDGE="${MIGRUN_DOCKER_BRIDGE:-mr-docker0}"
+BRIDGE_CIDR="${MIGRUN_DOCKER_CIDR:-172.31.250.1/24}"
 IMAGE=busybox:local
 START_TIMEOUT=60
 STOP_TIMEOUT=20
@@ -32,7 +36,7 @@ PIDFILE="$DIR/docker.pid"
 CTRD_PIDFILE="$DIR/exec/containerd/containerd.pid"
 # Containers' cgroups go under /sys/fs/cgroup/*/$CGROUP_PARENT, apart from any
 # other docker's /docker, so leftovers can be found and killed.
-CGROUP_PARENT=migrun-docker
+CGROUP_PARENT="$(basename "$DIR")"
 
 dk() { docker -H "$SOCK" "$@"; }
 answers() { docker -H "$SOCK" version --format '{{.Server.Version}}' >/dev/null 2>&1; }

@@ -1,0 +1,269 @@
+//! Docker to Docker live migration: two of the project's dockerds on this
+//! host (`hack/docker.sh up`, and a second one, `make docker-up-b`), a
+//! `--runtime=migrun` container moving from one to the other and back.
+
+use std::fs;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use migrun_tests::{migrun_bin, unique_id, wait_until};
+
+const A: &str = "unix:///var/lib/migrun-docker/docker.sock";
+const B: &str = "unix:///var/lib/migrun-docker-b/docker.sock";
+
+fn docker(host: &str, args: &[&str]) -> Output {
+    Command::new("docker")
+        .env("DOCKER_HOST", host)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run docker (are hack/docker.sh up and make docker-up-b done?)")
+}
+
+fn docker_ok(host: &str, args: &[&str]) -> String {
+    let out = docker(host, args);
+    assert!(
+        out.status.success(),
+        "docker {args:?} on {host} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Removes containers and images by name on both daemons when dropped.
+struct Cleanup {
+    containers: Vec<String>,
+    images: Vec<String>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for host in [A, B] {
+            for c in &self.containers {
+                let _ = docker(host, &["rm", "-f", c]);
+            }
+            for i in &self.images {
+                let _ = docker(host, &["rmi", "-f", i]);
+            }
+        }
+    }
+}
+
+/// The numbers a counter container printed, in order.
+fn numbers(host: &str, name: &str) -> Vec<u64> {
+    String::from_utf8_lossy(&docker(host, &["logs", name]).stdout)
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+fn key(dir: &Path) -> std::path::PathBuf {
+    let k = dir.join("pair.key");
+    let out = Command::new(migrun_bin())
+        .args(["keygen", "--out"])
+        .arg(&k)
+        .output()
+        .expect("keygen");
+    assert!(out.status.success());
+    k
+}
+
+/// migrate-in --once into daemon `to`; the log in `dir`.
+fn migrate_in(to: &str, key: &Path, port: u16, dir: &Path) -> Child {
+    let log = fs::File::create(dir.join(format!("in-{port}.log"))).expect("log");
+    let child = Command::new(migrun_bin())
+        .arg("--root")
+        .arg(dir.join(format!("root-{port}")))
+        .args(["migrate-in", "--listen", &format!("127.0.0.1:{port}"), "--once", "--key"])
+        .arg(key)
+        .arg("--work-dir")
+        .arg(dir.join(format!("in-{port}")))
+        .args(["--docker-host", to])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("migrate-in");
+    let path = dir.join(format!("in-{port}.log"));
+    assert!(wait_until(Duration::from_secs(10), || fs::read_to_string(&path)
+        .map(|l| l.contains("listening"))
+        .unwrap_or(false)));
+    child
+}
+
+/// migrate-out of container `name` of daemon `from`; returns the figures.
+fn migrate_out(from: &str, name: &str, key: &Path, port: u16, dir: &Path) -> serde_json::Value {
+    let stats = dir.join(format!("stats-{port}.json"));
+    let out = Command::new(migrun_bin())
+        .args(["migrate-out", "--docker-host", from, name, "--to"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--key")
+        .arg(key)
+        .arg("--stats-json")
+        .arg(&stats)
+        .arg("--work-dir")
+        .arg(dir.join(format!("out-{port}")))
+        .stdin(Stdio::null())
+        .output()
+        .expect("migrate-out");
+    let log = fs::read_to_string(dir.join(format!("in-{port}.log"))).unwrap_or_default();
+    assert!(
+        out.status.success(),
+        "migrate-out failed: {}\nmigrate-in: {log}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(&fs::read_to_string(&stats).expect("stats")).expect("json")
+}
+
+fn finish(mut child: Child) {
+    for _ in 0..300 {
+        if let Ok(Some(st)) = child.try_wait() {
+            assert!(st.success(), "migrate-in failed");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    panic!("migrate-in did not finish");
+}
+
+fn port(n: u16) -> u16 {
+    26000 + (std::process::id() % 1000) as u16 * 4 + n
+}
+
+#[test]
+fn docker_container_moves_between_daemons_with_its_layers_and_back() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let key = key(dir.path());
+    let name = unique_id("dmig");
+    let img1 = format!("{}-img:1", unique_id("dmig"));
+    let img2 = format!("{}-img:2", unique_id("dmig"));
+    let _cleanup = Cleanup {
+        containers: vec![name.clone(), format!("{name}-build")],
+        images: vec![img1.clone(), img2.clone()],
+    };
+    // An image of two layers on A only: busybox (A's own import) plus one.
+    docker_ok(
+        A,
+        &["run", "--name", &format!("{name}-build"), "busybox:local", "sh", "-c", "echo one > /layer-one"],
+    );
+    docker_ok(A, &["commit", &format!("{name}-build"), &img1]);
+    docker_ok(A, &["rm", &format!("{name}-build")]);
+    let id_a = docker_ok(A, &["image", "inspect", "-f", "{{.Id}}", &img1]);
+
+    docker_ok(
+        A,
+        &[
+            "run", "-d", "--name", &name, "--runtime=migrun", "--label", "team=migrun",
+            "-e", "GREETING=hello", "--restart", "on-failure:3", &img1, "sh", "-c",
+            "rm /bin/vi; echo before > /before; i=0; while true; do i=$((i+1)); echo $i; echo $i > /count; sleep 0.1; done",
+        ],
+    );
+    assert!(wait_until(Duration::from_secs(10), || numbers(A, &name).len() >= 5));
+
+    // A -> B, B lacking the image entirely: both layers travel.
+    let child = migrate_in(B, &key, port(0), dir.path());
+    let last_on_a = numbers(A, &name).last().copied().unwrap_or(0);
+    let stats = migrate_out(A, &name, &key, port(0), dir.path());
+    finish(child);
+    assert_eq!(stats["layers_total"], 2, "{stats}");
+    assert_eq!(stats["layers_sent"], 2, "{stats}");
+    assert!(stats["bytes_layers"].as_u64().unwrap_or(0) > 1_000_000, "{stats}");
+    // Gone from A, running on B under the same name, image, config.
+    assert!(!docker(A, &["inspect", &name]).status.success(), "still on A");
+    assert_eq!(docker_ok(B, &["inspect", "-f", "{{.State.Running}}", &name]), "true");
+    assert_eq!(docker_ok(B, &["inspect", "-f", "{{.Image}}", &name]), id_a);
+    assert_eq!(docker_ok(B, &["image", "inspect", "-f", "{{.Id}}", &img1]), id_a);
+    assert_eq!(
+        docker_ok(B, &["inspect", "-f", "{{index .Config.Labels \"team\"}} {{.HostConfig.RestartPolicy.Name}} {{.HostConfig.Runtime}}", &name]),
+        "migrun on-failure migrun"
+    );
+    assert_eq!(docker_ok(B, &["exec", &name, "sh", "-c", "echo $GREETING"]), "hello");
+    // The writable layer: what it wrote and what it deleted; the counter goes on.
+    assert_eq!(docker_ok(B, &["exec", &name, "cat", "/before"]), "before");
+    assert_eq!(docker_ok(B, &["exec", &name, "cat", "/layer-one"]), "one");
+    assert!(!docker(B, &["exec", &name, "test", "-e", "/bin/vi"]).status.success());
+    assert!(wait_until(Duration::from_secs(10), || numbers(B, &name)
+        .last()
+        .is_some_and(|n| *n > last_on_a + 3)));
+    let on_b = numbers(B, &name);
+    // B's log begins where the restored counter went on, not at 1.
+    assert!(
+        on_b.first().is_some_and(|n| *n >= last_on_a),
+        "counter restarted on B: A was at {last_on_a}, B began at {:?}",
+        on_b.first()
+    );
+
+    // B -> A: A has the image: no layer bytes.
+    let child = migrate_in(A, &key, port(1), dir.path());
+    let stats = migrate_out(B, &name, &key, port(1), dir.path());
+    finish(child);
+    assert_eq!(stats["layers_sent"], 0, "{stats}");
+    assert_eq!(stats["bytes_layers"], 0, "{stats}");
+    assert_eq!(docker_ok(A, &["inspect", "-f", "{{.State.Running}}", &name]), "true");
+    assert!(!docker(B, &["inspect", &name]).status.success(), "still on B");
+
+    // A third layer on A: B has the first two, only the top one travels.
+    docker_ok(A, &["commit", &name, &img2]);
+    docker_ok(A, &["rm", "-f", &name]);
+    docker_ok(
+        A,
+        &["run", "-d", "--name", &name, "--runtime=migrun", &img2, "sh", "-c",
+          "i=0; while true; do i=$((i+1)); echo $i; sleep 0.1; done"],
+    );
+    assert!(wait_until(Duration::from_secs(10), || numbers(A, &name).len() >= 3));
+    let child = migrate_in(B, &key, port(2), dir.path());
+    let stats = migrate_out(A, &name, &key, port(2), dir.path());
+    finish(child);
+    assert_eq!(stats["layers_total"], 3, "{stats}");
+    assert_eq!(stats["layers_sent"], 1, "{stats}");
+    assert_eq!(
+        docker_ok(B, &["image", "inspect", "-f", "{{.Id}}", &img2]),
+        docker_ok(A, &["image", "inspect", "-f", "{{.Id}}", &img2])
+    );
+    assert_eq!(docker_ok(B, &["inspect", "-f", "{{.State.Running}}", &name]), "true");
+}
+
+#[test]
+fn a_failed_docker_migration_leaves_the_source_running_and_the_target_clean() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let key = key(dir.path());
+    let name = unique_id("dmig-fail");
+    let _cleanup = Cleanup {
+        containers: vec![name.clone()],
+        images: vec![],
+    };
+    docker_ok(
+        A,
+        &["run", "-d", "--name", &name, "--runtime=migrun", "busybox:local", "sh", "-c",
+          "i=0; while true; do i=$((i+1)); echo $i; sleep 0.1; done"],
+    );
+    assert!(wait_until(Duration::from_secs(10), || numbers(A, &name).len() >= 3));
+    // B already has a container of that name: the target refuses.
+    docker_ok(B, &["create", "--name", &name, "busybox:local", "true"]);
+    let child = migrate_in(B, &key, port(3), dir.path());
+    let out = Command::new(migrun_bin())
+        .args(["migrate-out", "--docker-host", A, &name, "--to"])
+        .arg(format!("127.0.0.1:{}", port(3)))
+        .arg("--key")
+        .arg(&key)
+        .arg("--work-dir")
+        .arg(dir.path().join("out"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("migrate-out");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already exists"), "{err}");
+    let _ = child.wait_with_output();
+    // Still running on A, counting on.
+    let before = numbers(A, &name).last().copied().unwrap_or(0);
+    assert!(wait_until(Duration::from_secs(5), || numbers(A, &name)
+        .last()
+        .is_some_and(|n| *n > before + 2)));
+    assert_eq!(docker_ok(A, &["inspect", "-f", "{{.State.Running}}", &name]), "true");
+    // B holds only the container it had.
+    assert_eq!(docker_ok(B, &["inspect", "-f", "{{.State.Status}}", &name]), "created");
+    docker_ok(B, &["rm", &name]);
+}
