@@ -15,8 +15,15 @@
 //! few times in the background (the source's copy may answer an ARP request
 //! in the few milliseconds before it is killed).
 //!
-//! [`release_network_lock`] removes the iptables lock a killed CRIU dump
-//! leaves in a container's namespace, for a source that takes its container
+//! On the source, [`quiesce`] runs just before the freeze: CRIU cannot dump
+//! a connection that waits in a listening socket's accept queue, and one
+//! that arrived while the container was frozen could only be dropped (its
+//! client would see a reset). So new connections are held off first (their
+//! SYNs dropped by an iptables chain in the container's namespace; clients
+//! send them again a second later, by then to the target) and the accept
+//! queues drain while the container still runs. The target empties that
+//! chain after the restore. [`release`] undoes it, and the iptables lock a
+//! killed CRIU dump leaves behind, for a source that takes its container
 //! back after a failed migration.
 
 use std::ffi::CString;
@@ -36,6 +43,10 @@ const SIOCBRADDIF: libc::c_ulong = 0x89a2;
 const ETH_P_ARP: u16 = 0x0806;
 /// When the background announcements go out, after the first one.
 const REANNOUNCE: [u64; 4] = [100, 300, 700, 1500];
+/// The iptables chain that holds off new connections during a migration.
+const QUIESCE_CHAIN: &str = "MIGRUN-QUIESCE";
+/// How long [`quiesce`] waits for the accept queues to drain.
+const DRAIN_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// What [`after_restore`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -93,6 +104,11 @@ pub fn after_restore(root: &StateRoot, id: &str, bridge: Option<&str>) -> Result
     }
     let ns = File::open(format!("/proc/{pid}/ns/net"))
         .map_err(|e| MigrateError::Target(format!("network namespace of {id}: {e}")))?;
+    // The source's hold on new connections came along with its iptables.
+    in_netns(&ns, || {
+        iptables_restore(&format!("*filter\n:{QUIESCE_CHAIN} - [0:0]\nCOMMIT\n"))
+    })
+    .map_err(|e| MigrateError::Target(format!("let connections into {id} again: {e}")))?;
     let names: Vec<String> = moved.veths.iter().map(|(i, _)| i.clone()).collect();
     moved.announced = in_netns(&ns, {
         let names = names.clone();
@@ -112,37 +128,151 @@ pub fn after_restore(root: &StateRoot, id: &str, bridge: Option<&str>) -> Result
     Ok(moved)
 }
 
-/// Removes the iptables network lock that a CRIU dump put in the network
-/// namespace of `pid` (chain `CRIU`, jumped to from INPUT and OUTPUT) and
-/// never took away because the dump was ended early. Nothing happens when
-/// there is no such lock.
-pub fn release_network_lock(pid: i32) {
-    let ns = format!("--net=/proc/{pid}/ns/net");
-    for tool in ["iptables", "ip6tables"] {
-        let has_chain = std::process::Command::new("nsenter")
-            .args([ns.as_str(), "--", tool, "-w", "-n", "-L", "CRIU"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !has_chain {
-            continue;
-        }
-        for args in [
-            &["-D", "INPUT", "-j", "CRIU"][..],
-            &["-D", "OUTPUT", "-j", "CRIU"],
-            &["-F", "CRIU"],
-            &["-X", "CRIU"],
-        ] {
-            let _ = std::process::Command::new("nsenter")
-                .args([ns.as_str(), "--", tool, "-w"])
-                .args(args)
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .status();
-        }
-        tracing::info!(pid, tool, "CRIU's network lock released");
+/// Holds off new TCP connections into container `id`'s network namespace
+/// (their SYNs are dropped; clients retry) and waits up to half a second
+/// for its accept queues to drain while it still runs. Does nothing for a
+/// container without interfaces besides loopback or without a listening
+/// TCP socket. IPv4 only. Returns whether connections are held off.
+pub fn quiesce(root: &StateRoot, id: &str) -> bool {
+    let Some(pid) = root.load(id).ok().and_then(|c| c.pid()).map(|p| p.as_raw()) else {
+        return false;
+    };
+    if interfaces(pid).is_empty() || !tcp_sockets(pid).iter().any(|s| s.listening) {
+        return false;
     }
+    let Ok(ns) = File::open(format!("/proc/{pid}/ns/net")) else {
+        return false;
+    };
+    let rules = format!(
+        "*filter\n:{QUIESCE_CHAIN} - [0:0]\n-I INPUT -j {QUIESCE_CHAIN}\n\
+         -A {QUIESCE_CHAIN} -p tcp --syn -j DROP\nCOMMIT\n"
+    );
+    if let Err(e) = in_netns(&ns, move || iptables_restore(&rules)) {
+        tracing::warn!("hold off new connections into {id}: {e}");
+        return false;
+    }
+    let t = std::time::Instant::now();
+    while t.elapsed() < DRAIN_TIMEOUT {
+        let socks = tcp_sockets(pid);
+        if socks.iter().all(|s| !s.half_open && s.queued == 0) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    tracing::info!(
+        id,
+        drained_ms = t.elapsed().as_secs_f64() * 1000.0,
+        "new connections held off"
+    );
+    true
+}
+
+/// Undoes [`quiesce`] and removes the iptables network lock that a CRIU
+/// dump put in container `id`'s network namespace and never took away
+/// (the dump was ended early): for a container that runs on after a failed
+/// migration. Nothing happens when neither is there.
+pub fn release(root: &StateRoot, id: &str) {
+    let Some(pid) = root.load(id).ok().and_then(|c| c.pid()).map(|p| p.as_raw()) else {
+        return;
+    };
+    let Ok(ns) = File::open(format!("/proc/{pid}/ns/net")) else {
+        return;
+    };
+    let _ = in_netns(&ns, move || {
+        for tool in ["iptables", "ip6tables"] {
+            for chain in [QUIESCE_CHAIN, "CRIU"] {
+                let has_chain = std::process::Command::new(tool)
+                    .args(["-w", "-n", "-L", chain])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success());
+                if !has_chain {
+                    continue;
+                }
+                for args in [
+                    &["-D", "INPUT", "-j", chain][..],
+                    &["-D", "OUTPUT", "-j", chain],
+                    &["-F", chain],
+                    &["-X", chain],
+                ] {
+                    let _ = std::process::Command::new(tool)
+                        .arg("-w")
+                        .args(args)
+                        .stdout(std::process::Stdio::null())
+                        .stderr(std::process::Stdio::null())
+                        .status();
+                }
+                tracing::info!(pid, tool, chain, "iptables chain removed");
+            }
+        }
+        Ok(())
+    });
+}
+
+/// Feeds `rules` to `iptables-restore --noflush` (the calling thread's
+/// network namespace).
+fn iptables_restore(rules: &str) -> std::io::Result<()> {
+    let mut child = std::process::Command::new("iptables-restore")
+        .args(["-w", "--noflush"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    if let Some(mut stdin) = child.stdin.take() {
+        std::io::Write::write_all(&mut stdin, rules.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        return Err(std::io::Error::other(format!(
+            "iptables-restore: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+/// A TCP socket of a network namespace, as `/proc/PID/net/tcp` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct TcpSocket {
+    /// In LISTEN state.
+    listening: bool,
+    /// A connection still in its handshake (SYN_RECV).
+    half_open: bool,
+    /// Connections waiting in the accept queue (listening sockets).
+    queued: u64,
+}
+
+/// Parses one line of `/proc/net/tcp{,6}` (after the header).
+fn parse_tcp_line(line: &str) -> Option<TcpSocket> {
+    let mut fields = line.split_whitespace();
+    let state = fields.nth(3)?;
+    let queues = fields.next()?;
+    let (_, rx) = queues.split_once(':')?;
+    let state = u8::from_str_radix(state, 16).ok()?;
+    let rx = u64::from_str_radix(rx, 16).ok()?;
+    Some(TcpSocket {
+        listening: state == 0x0a,
+        half_open: state == 0x03,
+        queued: if state == 0x0a { rx } else { 0 },
+    })
+}
+
+/// The TCP sockets of the network namespace of `pid`.
+fn tcp_sockets(pid: i32) -> Vec<TcpSocket> {
+    ["tcp", "tcp6"]
+        .iter()
+        .flat_map(|t| {
+            std::fs::read_to_string(format!("/proc/{pid}/net/{t}"))
+                .map(|text| {
+                    text.lines()
+                        .skip(1)
+                        .filter_map(parse_tcp_line)
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default()
+        })
+        .collect()
 }
 
 /// The interfaces of the network namespace of `pid`, loopback excepted.
@@ -373,6 +503,21 @@ mod tests {
         assert_eq!(&f[28..32], &ip.octets());
         assert_eq!(&f[32..38], &[0; 6]);
         assert_eq!(&f[38..42], &ip.octets());
+    }
+
+    #[test]
+    fn tcp_lines_give_state_and_accept_queue() {
+        let listen = "   0: 00000000:0050 00000000:0000 0A 00000000:00000002 00:00000000 00000000     0        0 1234 1 0000000000000000 100 0 0 10 0";
+        let syn = "   1: 6400500A:0050 0A00500A:D431 03 00000000:00000000 00:00000000 00000000     0        0 0 1 0000000000000000 100 0 0 10 0";
+        let est = "   2: 6400500A:1B58 0A00500A:D432 01 00000000:00000010 00:00000000 00000000     0        0 99 1 0000000000000000 100 0 0 10 0";
+        let l = parse_tcp_line(listen).expect("listen");
+        assert!(l.listening && !l.half_open);
+        assert_eq!(l.queued, 2);
+        let s = parse_tcp_line(syn).expect("syn");
+        assert!(s.half_open && !s.listening);
+        let e = parse_tcp_line(est).expect("est");
+        assert_eq!(e.queued, 0);
+        assert!(parse_tcp_line("garbage").is_none());
     }
 
     #[test]
