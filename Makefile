@@ -7,7 +7,7 @@ MIGRUN_BIN := $(CURDIR)/target/release/migrun
 export MIGRUN_BIN
 export PATH := /usr/local/sbin:/usr/local/bin:$(PATH):/root/.cargo/bin
 
-.PHONY: all deps build lint test unit-test e2e-test docker-up docker-down docker-up-b docker-down-b containerd-up containerd-down demo \
+.PHONY: all deps build lint test unit-test e2e-test docker-up docker-down docker-up-b docker-down-b docker-up-ab docker-down-ab containerd-up containerd-down demo \
         bench-shim bench bench-quick bench-suite bench-deps bench-test bench-runtime bench-checkpoint bench-migrate clean
 
 all: build
@@ -37,6 +37,16 @@ docker-up-b: build
 
 docker-down-b:
 	@$(DOCKER_B) bash hack/docker.sh down
+
+# One dockerd in each test-bed host (network namespaces mr-host-a and
+# mr-host-b of hack/testbed.sh): own state dir, socket, bridge and subnet.
+docker-up-ab: build
+	@bash hack/docker.sh up a
+	@bash hack/docker.sh up b
+
+docker-down-ab:
+	@bash hack/docker.sh down a
+	@bash hack/docker.sh down b
 
 # A containerd of the project's own with the shim containerd-shim-migrun-v1
 # (runtime io.containerd.migrun.v1) and busybox:local.

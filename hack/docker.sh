@@ -1,6 +1,14 @@
 #!/usr/bin/env bash
-# Usage: hack/docker.sh up|down|env|status
+# Usage: hack/docker.sh up|down|env|status [a|b]
 # A dockerd of the project's own, with the migrun runtime registered.
+# With an instance name (or DOCKER_INSTANCE=a|b), the dockerd of test-bed
+# host A or B instead: it runs inside the network namespace mr-host-a /
+# mr-host-b (hack/testbed.sh, brought up if needed), with its own state dir
+# /var/lib/migrun-docker-host-{a,b} (data-root, exec-root with its own
+# managed containerd, pidfile, docker.sock on the host filesystem) and its
+# own bridge and subnet inside that namespace:
+#   a: mr-docker-a 172.31.252.1/24      b: mr-docker-b 172.31.253.1/24
+# (the default instance: mr-docker0 172.31.250.1/24 in the root namespace).
 #   up      start it (no-op if already running and answering); imports the
 #           image busybox:local if missing
 #   down    stop it (only the dockerd in $DIR/docker.pid, and its containerd)
@@ -13,6 +21,7 @@
 #                         daemon on the same host needs its own (see the
 #                         Makefile's docker-up-b)
 #   MIGRUN_BIN            runtime binary (default <repo>/target/release/migrun)
+#   DOCKER_INSTANCE       a or b: as the instance argument
 # Everything lives under the state dir: data/ (data-root), exec/ (exec-root,
 # with dockerd's managed containerd), docker.pid, docker.sock, dockerd.log,
 # daemon.json. Containers use the bridge mr-docker0 (172.31.250.1/24).
@@ -20,6 +29,25 @@ set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
+# The instance: "" (default), a or b (test-bed hosts). The last argument
+# or DOCKER_INSTANCE names it.
+INSTANCE="${2:-${DOCKER_INSTANCE:-}}"
+NETNS=""
+case "$INSTANCE" in
+    "") ;;
+    a|b)
+        NETNS="mr-host-$INSTANCE"
+        MIGRUN_DOCKER_DIR="/var/lib/migrun-docker-host-$INSTANCE"
+        MIGRUN_DOCKER_BRIDGE="mr-docker-$INSTANCE"
+        if [[ $INSTANCE == a ]]; then MIGRUN_DOCKER_CIDR=172.31.252.1/24; else MIGRUN_DOCKER_CIDR=172.31.253.1/24; fi
+        ;;
+    *) echo "usage: $0 up|down|env|status [a|b]" >&2; exit 2 ;;
+esac
+# in_ns CMD...: CMD in the instance's network namespace (not `ip netns
+# exec`, which remounts /sys without the cgroup hierarchies).
+in_ns() {
+    if [[ -n $NETNS ]]; then nsenter --net="/run/netns/$NETNS" -- "$@"; else "$@"; fi
+}
 DIR="${MIGRUN_DOCKER_DIR:-/var/lib/migrun-docker}"
 MIGRUN_BIN="${MIGRUN_BIN:-$REPO_ROOT/target/release/migrun}"
 BRIDGE="${MIGRUN_DOCKER_BRIDGE:-mr-docker0}"
@@ -66,13 +94,22 @@ daemon_json() {
 }
 
 ensure_bridge() {
-    if ! ip link show "$BRIDGE" >/dev/null 2>&1; then
-        log "creating bridge $BRIDGE ($BRIDGE_CIDR)"
-        ip link add "$BRIDGE" type bridge
+    if ! in_ns ip link show "$BRIDGE" >/dev/null 2>&1; then
+        log "creating bridge $BRIDGE ($BRIDGE_CIDR)${NETNS:+ in $NETNS}"
+        in_ns ip link add "$BRIDGE" type bridge
     fi
-    ip -4 addr show dev "$BRIDGE" | grep -qF " ${BRIDGE_CIDR} " \
-        || ip addr add "$BRIDGE_CIDR" dev "$BRIDGE"
-    ip link set "$BRIDGE" up
+    in_ns ip -4 addr show dev "$BRIDGE" | grep -qF " ${BRIDGE_CIDR} " \
+        || in_ns ip addr add "$BRIDGE_CIDR" dev "$BRIDGE"
+    in_ns ip link set "$BRIDGE" up
+}
+
+# ensure_netns: the test bed, whose host namespace the instance runs in.
+ensure_netns() {
+    [[ -n $NETNS ]] || return 0
+    if [[ ! -e /run/netns/$NETNS ]]; then
+        log "$NETNS does not exist: bringing the test bed up (hack/testbed.sh up)"
+        bash "$HACK_DIR/testbed.sh" up
+    fi
 }
 
 # Processes whose command line refers to our state dir (managed containerd,
@@ -102,7 +139,8 @@ import_image() {
 
 cmd_up() {
     require_root
-    need_cmd dockerd docker containerd runc jq ip python3
+    need_cmd dockerd docker containerd runc jq ip python3 nsenter
+    ensure_netns
     local pid
     if pid="$(daemon_pid)"; then
         if ! answers; then
@@ -132,11 +170,11 @@ cmd_up() {
     ensure_bridge
     rm -f "$PIDFILE" "$DIR/docker.sock"
 
-    log "starting dockerd (state in $DIR, runtime migrun=$MIGRUN_BIN)"
+    log "starting dockerd (state in $DIR, runtime migrun=$MIGRUN_BIN${NETNS:+, network namespace $NETNS})"
     # setsid+nohup: it must outlive this script and its terminal.
     # /usr/local/sbin first: runtimes run `criu` from PATH, and the CRIU >= 4
     # that install-deps.sh builds lives there (Debian's 3.17 is in /usr/sbin).
-    PATH="/usr/local/sbin:/usr/local/bin:$PATH" setsid nohup dockerd \
+    PATH="/usr/local/sbin:/usr/local/bin:$PATH" setsid nohup ${NETNS:+nsenter --net=/run/netns/$NETNS --} dockerd \
         --config-file "$DIR/daemon.json" \
         --data-root "$DIR/data" \
         --exec-root "$DIR/exec" \
@@ -235,5 +273,5 @@ case "${1:-}" in
     down) cmd_down ;;
     env) cmd_env ;;
     status) cmd_status ;;
-    *) echo "usage: $0 up|down|env|status" >&2; exit 2 ;;
+    *) echo "usage: $0 up|down|env|status [a|b]" >&2; exit 2 ;;
 esac
