@@ -81,12 +81,13 @@ fn migrun_in(ns: &str, m: &Migrun) -> Command {
     cmd
 }
 
-/// A service address and a migration port of this test process's own.
-fn service_addr() -> (String, u16) {
+/// A service address (10.77.0.100-199) and a migration port of this test
+/// process's own; `slot` (0 or 1) keeps the tests of one process apart.
+fn service_addr(slot: u32) -> (String, u16) {
     let n = std::process::id();
     (
-        format!("10.77.0.{}", 100 + n % 100),
-        7400 + (n % 500) as u16,
+        format!("10.77.0.{}", 100 + slot * 50 + n % 50),
+        (7400 + slot * 500 + n % 500) as u16,
     )
 }
 
@@ -180,12 +181,12 @@ struct Target {
 }
 
 impl Target {
-    fn start(m: &Migrun, listen: &str, key: &Path) -> Self {
+    fn start(m: &Migrun, listen: &str, key: &Path, bridge: &str) -> Self {
         let dir = tempfile::tempdir().expect("tmp");
         let log = dir.path().join("migrate-in.log");
         let child = migrun_in(HOST_B, m)
             .args(["migrate-in", "--listen", listen, "--once", "--bridge"])
-            .arg(HOST_BRIDGE)
+            .arg(bridge)
             .arg("--key")
             .arg(key)
             .arg("--work-dir")
@@ -232,7 +233,7 @@ impl Drop for Target {
 #[test]
 fn service_address_answers_from_the_target_and_tcp_connections_carry_on() {
     testbed();
-    let (ip, port) = service_addr();
+    let (ip, port) = service_addr(0);
     let (src, dst) = (Migrun::new(), Migrun::new());
     let id = unique_id("net");
     let b = Bundle::new(&[
@@ -298,7 +299,7 @@ fn service_address_answers_from_the_target_and_tcp_connections_carry_on() {
         .expect("keygen");
     assert!(kg.status.success());
     let listen = format!("{ADDR_B}:{port}");
-    let mut target = Target::start(&dst, &listen, &key);
+    let mut target = Target::start(&dst, &listen, &key, HOST_BRIDGE);
     let stats = key_dir.path().join("stats.json");
     let out = migrun_in(HOST_A, &src)
         .args(["migrate-out", &id, "--to", &listen, "--key"])
@@ -375,4 +376,81 @@ fn service_address_answers_from_the_target_and_tcp_connections_carry_on() {
         view.requests,
         view.failures
     );
+}
+
+#[test]
+fn failed_network_move_leaves_the_source_serving() {
+    testbed();
+    let (ip, port) = service_addr(1);
+    let (src, dst) = (Migrun::new(), Migrun::new());
+    let id = unique_id("net-fail");
+    let b = Bundle::new(&[
+        "sh",
+        "-c",
+        "mkdir -p /www && echo still-on-a > /www/index.html && exec httpd -f -p 80 -h /www",
+    ]);
+    src.ok_quiet(&["run", "-d", "-b", b.path().to_str().expect("utf8"), &id]);
+    let attach = Command::new("bash")
+        .arg(repo_root().join("hack/netctr.sh"))
+        .arg("attach")
+        .arg(src.root())
+        .arg(&id)
+        .arg(format!("{ip}/24"))
+        .arg(HOST_A)
+        .env("MIGRUN_BIN", migrun_bin())
+        .output()
+        .expect("netctr.sh");
+    assert!(
+        attach.status.success(),
+        "netctr.sh attach: {}",
+        String::from_utf8_lossy(&attach.stderr)
+    );
+    let http: SocketAddr = format!("{ip}:80").parse().expect("addr");
+    let get = move || in_netns(CLIENT, move || http_get(http));
+    assert!(wait_until(Duration::from_secs(10), || get()
+        .is_ok_and(|b| b == "still-on-a")));
+
+    let key_dir = tempfile::tempdir().expect("tmp");
+    let key = key_dir.path().join("pair.key");
+    let kg = Command::new(migrun_bin())
+        .args(["keygen", "--out"])
+        .arg(&key)
+        .output()
+        .expect("keygen");
+    assert!(kg.status.success());
+    let listen = format!("{ADDR_B}:{port}");
+    // The restore succeeds, plugging the container into B's network fails.
+    let mut target = Target::start(&dst, &listen, &key, "nosuchbridge");
+    let out = migrun_in(HOST_A, &src)
+        .args(["migrate-out", &id, "--to", &listen, "--key"])
+        .arg(&key)
+        .arg("--work-dir")
+        .arg(key_dir.path().join("out"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("migrate-out");
+    assert!(!out.status.success(), "migrate-out succeeded");
+    assert!(!target.finish(), "migrate-in succeeded: {}", target.log());
+    assert!(
+        target.log().contains("nosuchbridge"),
+        "migrate-in: {}",
+        target.log()
+    );
+
+    // The source runs and serves on its address, without CRIU's network
+    // lock or the hold on new connections; B has nothing.
+    assert_eq!(src.status(&id), "running");
+    assert_eq!(get().expect("GET after the failed migration"), "still-on-a");
+    let pid = src.state(&id)["pid"].as_i64().expect("pid");
+    let rules = Command::new("nsenter")
+        .arg(format!("--net=/proc/{pid}/ns/net"))
+        .args(["--", "iptables", "-S"])
+        .output()
+        .expect("iptables -S");
+    let rules = String::from_utf8_lossy(&rules.stdout).into_owned();
+    assert!(
+        !rules.contains("CRIU") && !rules.contains("MIGRUN"),
+        "rules left in the source container: {rules}"
+    );
+    assert!(dst.run(&["list", "-q"]).stdout.is_empty());
 }
