@@ -71,7 +71,7 @@ demo: build docker-up
 # The whole benchmark: runtime, checkpoint and migrate figures, then the
 # live-migration suite (hack/bench/suite.sh), which regenerates
 # docs/benchmarks.md. bench-quick: the suite's short version only.
-bench: bench-runtime bench-checkpoint bench-migrate bench-suite
+bench: bench-runtime bench-checkpoint bench-migrate bench-suite bench-docker
 
 bench-deps: deps
 	@bash hack/bench/install.sh
@@ -91,6 +91,10 @@ bench-runtime: build
 
 bench-checkpoint: build
 	@bash hack/bench-checkpoint.sh
+
+# Docker-to-Docker migration against docker checkpoint/save/load/start by hand.
+bench-docker: build docker-up docker-up-b
+	@bash hack/bench-docker.sh
 
 bench-migrate: build
 	@bash hack/bench-migrate.sh

@@ -75,7 +75,13 @@ fn migrate_in(to: &str, key: &Path, port: u16, dir: &Path) -> Child {
     let child = Command::new(migrun_bin())
         .arg("--root")
         .arg(dir.join(format!("root-{port}")))
-        .args(["migrate-in", "--listen", &format!("127.0.0.1:{port}"), "--once", "--key"])
+        .args([
+            "migrate-in",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--once",
+            "--key",
+        ])
         .arg(key)
         .arg("--work-dir")
         .arg(dir.join(format!("in-{port}")))
@@ -86,9 +92,11 @@ fn migrate_in(to: &str, key: &Path, port: u16, dir: &Path) -> Child {
         .spawn()
         .expect("migrate-in");
     let path = dir.join(format!("in-{port}.log"));
-    assert!(wait_until(Duration::from_secs(10), || fs::read_to_string(&path)
-        .map(|l| l.contains("listening"))
-        .unwrap_or(false)));
+    assert!(wait_until(Duration::from_secs(10), || fs::read_to_string(
+        &path
+    )
+    .map(|l| l.contains("listening"))
+    .unwrap_or(false)));
     child
 }
 
@@ -146,7 +154,15 @@ fn docker_container_moves_between_daemons_with_its_layers_and_back() {
     // An image of two layers on A only: busybox (A's own import) plus one.
     docker_ok(
         A,
-        &["run", "--name", &format!("{name}-build"), "busybox:local", "sh", "-c", "echo one > /layer-one"],
+        &[
+            "run",
+            "--name",
+            &format!("{name}-build"),
+            "busybox:local",
+            "sh",
+            "-c",
+            "echo one > /layer-one",
+        ],
     );
     docker_ok(A, &["commit", &format!("{name}-build"), &img1]);
     docker_ok(A, &["rm", &format!("{name}-build")]);
@@ -160,7 +176,9 @@ fn docker_container_moves_between_daemons_with_its_layers_and_back() {
             "rm /bin/vi; echo before > /before; i=0; while true; do i=$((i+1)); echo $i; echo $i > /count; sleep 0.1; done",
         ],
     );
-    assert!(wait_until(Duration::from_secs(10), || numbers(A, &name).len() >= 5));
+    assert!(wait_until(Duration::from_secs(10), || numbers(A, &name)
+        .len()
+        >= 5));
 
     // A -> B, B lacking the image entirely: both layers travel.
     let child = migrate_in(B, &key, port(0), dir.path());
@@ -169,21 +187,38 @@ fn docker_container_moves_between_daemons_with_its_layers_and_back() {
     finish(child);
     assert_eq!(stats["layers_total"], 2, "{stats}");
     assert_eq!(stats["layers_sent"], 2, "{stats}");
-    assert!(stats["bytes_layers"].as_u64().unwrap_or(0) > 1_000_000, "{stats}");
+    assert!(
+        stats["bytes_layers"].as_u64().unwrap_or(0) > 1_000_000,
+        "{stats}"
+    );
     // Gone from A, running on B under the same name, image, config.
-    assert!(!docker(A, &["inspect", &name]).status.success(), "still on A");
-    assert_eq!(docker_ok(B, &["inspect", "-f", "{{.State.Running}}", &name]), "true");
+    assert!(
+        !docker(A, &["inspect", &name]).status.success(),
+        "still on A"
+    );
+    assert_eq!(
+        docker_ok(B, &["inspect", "-f", "{{.State.Running}}", &name]),
+        "true"
+    );
     assert_eq!(docker_ok(B, &["inspect", "-f", "{{.Image}}", &name]), id_a);
-    assert_eq!(docker_ok(B, &["image", "inspect", "-f", "{{.Id}}", &img1]), id_a);
+    assert_eq!(
+        docker_ok(B, &["image", "inspect", "-f", "{{.Id}}", &img1]),
+        id_a
+    );
     assert_eq!(
         docker_ok(B, &["inspect", "-f", "{{index .Config.Labels \"team\"}} {{.HostConfig.RestartPolicy.Name}} {{.HostConfig.Runtime}}", &name]),
         "migrun on-failure migrun"
     );
-    assert_eq!(docker_ok(B, &["exec", &name, "sh", "-c", "echo $GREETING"]), "hello");
+    assert_eq!(
+        docker_ok(B, &["exec", &name, "sh", "-c", "echo $GREETING"]),
+        "hello"
+    );
     // The writable layer: what it wrote and what it deleted; the counter goes on.
     assert_eq!(docker_ok(B, &["exec", &name, "cat", "/before"]), "before");
     assert_eq!(docker_ok(B, &["exec", &name, "cat", "/layer-one"]), "one");
-    assert!(!docker(B, &["exec", &name, "test", "-e", "/bin/vi"]).status.success());
+    assert!(!docker(B, &["exec", &name, "test", "-e", "/bin/vi"])
+        .status
+        .success());
     assert!(wait_until(Duration::from_secs(10), || numbers(B, &name)
         .last()
         .is_some_and(|n| *n > last_on_a + 3)));
@@ -201,18 +236,35 @@ fn docker_container_moves_between_daemons_with_its_layers_and_back() {
     finish(child);
     assert_eq!(stats["layers_sent"], 0, "{stats}");
     assert_eq!(stats["bytes_layers"], 0, "{stats}");
-    assert_eq!(docker_ok(A, &["inspect", "-f", "{{.State.Running}}", &name]), "true");
-    assert!(!docker(B, &["inspect", &name]).status.success(), "still on B");
+    assert_eq!(
+        docker_ok(A, &["inspect", "-f", "{{.State.Running}}", &name]),
+        "true"
+    );
+    assert!(
+        !docker(B, &["inspect", &name]).status.success(),
+        "still on B"
+    );
 
     // A third layer on A: B has the first two, only the top one travels.
     docker_ok(A, &["commit", &name, &img2]);
     docker_ok(A, &["rm", "-f", &name]);
     docker_ok(
         A,
-        &["run", "-d", "--name", &name, "--runtime=migrun", &img2, "sh", "-c",
-          "i=0; while true; do i=$((i+1)); echo $i; sleep 0.1; done"],
+        &[
+            "run",
+            "-d",
+            "--name",
+            &name,
+            "--runtime=migrun",
+            &img2,
+            "sh",
+            "-c",
+            "i=0; while true; do i=$((i+1)); echo $i; sleep 0.1; done",
+        ],
     );
-    assert!(wait_until(Duration::from_secs(10), || numbers(A, &name).len() >= 3));
+    assert!(wait_until(Duration::from_secs(10), || numbers(A, &name)
+        .len()
+        >= 3));
     let child = migrate_in(B, &key, port(2), dir.path());
     let stats = migrate_out(A, &name, &key, port(2), dir.path());
     finish(child);
@@ -222,7 +274,10 @@ fn docker_container_moves_between_daemons_with_its_layers_and_back() {
         docker_ok(B, &["image", "inspect", "-f", "{{.Id}}", &img2]),
         docker_ok(A, &["image", "inspect", "-f", "{{.Id}}", &img2])
     );
-    assert_eq!(docker_ok(B, &["inspect", "-f", "{{.State.Running}}", &name]), "true");
+    assert_eq!(
+        docker_ok(B, &["inspect", "-f", "{{.State.Running}}", &name]),
+        "true"
+    );
 }
 
 #[test]
@@ -236,10 +291,21 @@ fn a_failed_docker_migration_leaves_the_source_running_and_the_target_clean() {
     };
     docker_ok(
         A,
-        &["run", "-d", "--name", &name, "--runtime=migrun", "busybox:local", "sh", "-c",
-          "i=0; while true; do i=$((i+1)); echo $i; sleep 0.1; done"],
+        &[
+            "run",
+            "-d",
+            "--name",
+            &name,
+            "--runtime=migrun",
+            "busybox:local",
+            "sh",
+            "-c",
+            "i=0; while true; do i=$((i+1)); echo $i; sleep 0.1; done",
+        ],
     );
-    assert!(wait_until(Duration::from_secs(10), || numbers(A, &name).len() >= 3));
+    assert!(wait_until(Duration::from_secs(10), || numbers(A, &name)
+        .len()
+        >= 3));
     // B already has a container of that name: the target refuses.
     docker_ok(B, &["create", "--name", &name, "busybox:local", "true"]);
     let child = migrate_in(B, &key, port(3), dir.path());
@@ -262,8 +328,14 @@ fn a_failed_docker_migration_leaves_the_source_running_and_the_target_clean() {
     assert!(wait_until(Duration::from_secs(5), || numbers(A, &name)
         .last()
         .is_some_and(|n| *n > before + 2)));
-    assert_eq!(docker_ok(A, &["inspect", "-f", "{{.State.Running}}", &name]), "true");
+    assert_eq!(
+        docker_ok(A, &["inspect", "-f", "{{.State.Running}}", &name]),
+        "true"
+    );
     // B holds only the container it had.
-    assert_eq!(docker_ok(B, &["inspect", "-f", "{{.State.Status}}", &name]), "created");
+    assert_eq!(
+        docker_ok(B, &["inspect", "-f", "{{.State.Status}}", &name]),
+        "created"
+    );
     docker_ok(B, &["rm", &name]);
 }

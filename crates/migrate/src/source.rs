@@ -389,6 +389,31 @@ impl Source<'_> {
             let kept = docker::filter_save(&saved, &filtered, &d.diff_ids, &layers)?;
             let _ = fs::remove_file(&saved);
             self.send_file(&filtered, docker::IMAGE_WIRE_PATH).await?;
+            // The target loads it and creates the container: wait, so that
+            // its work does not overlap the freeze.
+            let reply = tokio::time::timeout(Duration::from_secs(600), self.replies.recv()).await;
+            match reply {
+                Ok(Some(Ok(Message::Ack))) => {}
+                Ok(Some(Ok(Message::Error { message }))) => {
+                    return Err(MigrateError::Peer(message))
+                }
+                Ok(Some(Ok(other))) => {
+                    return Err(MigrateError::Protocol(format!(
+                        "expected Ack after the image, got {other:?}"
+                    )))
+                }
+                Ok(Some(Err(e))) => return Err(e.into()),
+                Ok(None) => {
+                    return Err(MigrateError::Peer(
+                        "the target closed the connection".into(),
+                    ))
+                }
+                Err(_) => {
+                    return Err(MigrateError::Peer(
+                        "the target did not load the image in 600 s".into(),
+                    ))
+                }
+            }
             Ok::<u64, MigrateError>(kept)
         }
         .await;

@@ -423,6 +423,9 @@ async fn receive_into(
                     let _ = fs::remove_file(inc.dir.join("image.tar"));
                     eprintln!("migrate-in: image {} loaded", dock.image);
                     rootfs_dir = dock.create().await?;
+                    // The source waits for this before its rounds: a load
+                    // still running here must not end up in the downtime.
+                    ch.send(&Message::Ack).await?;
                 } else if let Some((digest, rel)) = layer_path(&path) {
                     let dir = layer_store.incoming(digest)?;
                     if rel == MANIFEST {
