@@ -62,8 +62,9 @@ unit-test:
 e2e-test: build docker-up docker-up-b containerd-up
 	$(CARGO) test -p migrun-tests -- --test-threads=2
 
-# The README's test command: lint, unit tests, end-to-end tests.
-test: deps build lint unit-test e2e-test
+# The README's test command: lint, unit tests, end-to-end tests, and one tiny
+# benchmark-suite scenario end to end (hack/bench/selftest.sh).
+test: deps build lint unit-test e2e-test bench-test
 
 demo: build docker-up
 	@bash hack/demo.sh
