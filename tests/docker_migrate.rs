@@ -213,7 +213,16 @@ fn docker_container_moves_between_daemons_with_its_layers_and_back() {
         docker_ok(B, &["exec", &name, "sh", "-c", "echo $GREETING"]),
         "hello"
     );
-    // The writable layer: what it wrote and what it deleted; the counter goes on.
+    // The writable layer: what it wrote (before the migration, and /count,
+    // rewritten every 0.1 s, so also after the last pre-copy round) and
+    // what it deleted; the counter goes on.
+    let count: u64 = docker_ok(B, &["exec", &name, "cat", "/count"])
+        .parse()
+        .unwrap_or(0);
+    assert!(
+        count >= last_on_a,
+        "/count on B is {count}, A was at {last_on_a}"
+    );
     assert_eq!(docker_ok(B, &["exec", &name, "cat", "/before"]), "before");
     assert_eq!(docker_ok(B, &["exec", &name, "cat", "/layer-one"]), "one");
     assert!(!docker(B, &["exec", &name, "test", "-e", "/bin/vi"])
