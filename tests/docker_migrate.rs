@@ -9,6 +9,13 @@ use std::time::Duration;
 
 use migrun_tests::{migrun_bin, unique_id, wait_until};
 
+/// The tests here share daemon B, and one of them stops it: one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 const A: &str = "unix:///var/lib/migrun-docker/docker.sock";
 const B: &str = "unix:///var/lib/migrun-docker-b/docker.sock";
 
@@ -84,7 +91,7 @@ fn migrate_in(to: &str, key: &Path, port: u16, dir: &Path) -> Child {
         ])
         .arg(key)
         .arg("--work-dir")
-        .arg(dir.join(format!("in-{port}")))
+        .arg(dir.join("in"))
         .args(["--docker-host", to])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -142,6 +149,7 @@ fn port(n: u16) -> u16 {
 
 #[test]
 fn docker_container_moves_between_daemons_with_its_layers_and_back() {
+    let _serial = serial();
     let dir = tempfile::tempdir().expect("tmp");
     let key = key(dir.path());
     let name = unique_id("dmig");
@@ -291,6 +299,7 @@ fn docker_container_moves_between_daemons_with_its_layers_and_back() {
 
 #[test]
 fn a_failed_docker_migration_leaves_the_source_running_and_the_target_clean() {
+    let _serial = serial();
     let dir = tempfile::tempdir().expect("tmp");
     let key = key(dir.path());
     let name = unique_id("dmig-fail");
@@ -347,4 +356,125 @@ fn a_failed_docker_migration_leaves_the_source_running_and_the_target_clean() {
         "created"
     );
     docker_ok(B, &["rm", &name]);
+}
+
+/// Runs hack/docker.sh for daemon B (`up` or `down`), as `make docker-up-b`.
+fn daemon_b(action: &str) {
+    let st = Command::new("bash")
+        .arg(migrun_tests::repo_root().join("hack/docker.sh"))
+        .arg(action)
+        .env("MIGRUN_DOCKER_DIR", "/var/lib/migrun-docker-b")
+        .env("MIGRUN_DOCKER_BRIDGE", "mr-docker1")
+        .env("MIGRUN_DOCKER_CIDR", "172.31.251.1/24")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("hack/docker.sh");
+    assert!(st.success(), "hack/docker.sh {action} for daemon B failed");
+}
+
+/// Removes an image from daemon B only (A keeps it), whatever happened.
+struct RemoveImageOnB(String);
+
+impl Drop for RemoveImageOnB {
+    fn drop(&mut self) {
+        let _ = docker(B, &["rmi", "-f", &self.0]);
+    }
+}
+
+/// Starts daemon B again if a test stopped it, whatever happened.
+struct RestartB;
+
+impl Drop for RestartB {
+    fn drop(&mut self) {
+        if !docker(B, &["version"]).status.success() {
+            daemon_b("up");
+        }
+    }
+}
+
+#[test]
+fn daemon_b_stopped_mid_migration_leaves_a_running_and_b_clean() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("tmp");
+    let key = key(dir.path());
+    let name = unique_id("dmig-down");
+    let _cleanup = Cleanup {
+        containers: vec![name.clone()],
+        images: vec![],
+    };
+    let _restart = RestartB;
+    // B has A's busybox (so the container is created on B at once); the
+    // container holds ~1.3 MiB in its shell, which --bandwidth 1 takes
+    // about 10 s to send: B goes down meanwhile.
+    let base = docker_ok(A, &["image", "inspect", "-f", "{{.Id}}", "busybox:local"]);
+    // By id: B's own busybox:local keeps its tag; removed from B at the end.
+    let _unload = RemoveImageOnB(base.clone());
+    let save = Command::new("sh")
+        .arg("-c")
+        .arg(format!("docker -H {A} save {base} | docker -H {B} load -q"))
+        .stdout(Stdio::null())
+        .status()
+        .expect("save | load");
+    assert!(save.success());
+    docker_ok(
+        A,
+        &["run", "-d", "--name", &name, "--runtime=migrun", &base, "sh", "-c",
+          "x=$(head -c 1000000 /dev/urandom | base64); i=0; while true; do i=$((i+1)); echo $i; sleep 0.1; done"],
+    );
+    assert!(wait_until(Duration::from_secs(10), || numbers(A, &name)
+        .len()
+        >= 3));
+    let child = migrate_in(B, &key, port(4), dir.path());
+    let out = Command::new(migrun_bin())
+        .args([
+            "migrate-out",
+            "--docker-host",
+            A,
+            &name,
+            "--bandwidth",
+            "1",
+            "--to",
+        ])
+        .arg(format!("127.0.0.1:{}", port(4)))
+        .arg("--key")
+        .arg(&key)
+        .arg("--work-dir")
+        .arg(dir.path().join("out"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("migrate-out");
+    let inlog = dir.path().join(format!("in-{}.log", port(4)));
+    assert!(wait_until(Duration::from_secs(20), || fs::read_to_string(
+        &inlog
+    )
+    .map(|l| l.contains("receiving container"))
+    .unwrap_or(false)));
+    std::thread::sleep(Duration::from_secs(1));
+    daemon_b("down");
+    let out = out.wait_with_output().expect("migrate-out");
+    assert!(!out.status.success(), "the migration succeeded with B down");
+    let _ = child.wait_with_output();
+    // A: running, counting on.
+    let before = numbers(A, &name).last().copied().unwrap_or(0);
+    assert!(wait_until(Duration::from_secs(5), || numbers(A, &name)
+        .last()
+        .is_some_and(|n| *n > before + 2)));
+    assert_eq!(
+        docker_ok(A, &["inspect", "-f", "{{.State.Running}}", &name]),
+        "true"
+    );
+    // B, back: the next migrate-in removes what the failed one made there.
+    daemon_b("up");
+    let mut child = migrate_in(B, &key, port(5), dir.path());
+    let _ = child.kill();
+    let _ = child.wait();
+    let log = dir.path().join(format!("in-{}.log", port(5)));
+    assert!(
+        !docker(B, &["inspect", &name]).status.success(),
+        "B still holds {name}: {}",
+        fs::read_to_string(&log).unwrap_or_default()
+    );
 }

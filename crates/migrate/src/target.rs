@@ -95,22 +95,80 @@ impl DockerIn {
     }
 
     /// Removes what this migration made in the daemon.
-    async fn undo(&mut self) {
+    async fn undo(&mut self, pending: &Path) {
+        let mut left = Vec::new();
         if let Some(id) = self.container.take() {
             if let Err(e) = self.daemon.remove(&id).await {
-                eprintln!("migrate-in: {e}");
+                eprintln!("migrate-in: {e}: removing it when the daemon answers again");
+                left.push(format!("container {id}"));
             }
         }
         if self.loaded_image {
-            let _ = self.daemon.remove_image(&self.image).await;
+            if let Err(e) = self.daemon.remove_image(&self.image).await {
+                if !e.to_string().contains("conflict") {
+                    left.push(format!("image {}", self.image));
+                }
+            }
         }
+        if !left.is_empty() {
+            let mut text = fs::read_to_string(pending).unwrap_or_default();
+            for l in left {
+                text.push_str(&l);
+                text.push('\n');
+            }
+            let _ = fs::write(pending, text);
+        }
+    }
+}
+
+/// The file listing what failed Docker migrations left in a daemon that did
+/// not answer (`container ID` / `image ID` lines), removed by the next
+/// `migrate-in --docker-host` on this work directory.
+fn docker_pending(opts: &InOptions) -> PathBuf {
+    opts.work_dir.join("docker-pending-removal")
+}
+
+/// Removes what earlier failed Docker migrations could not (their daemon was
+/// down then); keeps what still fails.
+async fn clean_docker_pending(opts: &InOptions) {
+    let (Some(host), Ok(text)) = (&opts.docker_host, fs::read_to_string(docker_pending(opts)))
+    else {
+        return;
+    };
+    let Ok(daemon) = Daemon::connect(host) else {
+        return;
+    };
+    let mut left = String::new();
+    for line in text.lines() {
+        let done = match line.split_once(' ') {
+            Some(("container", id)) => {
+                daemon.remove(id).await.is_ok() || daemon.container(id).await.is_err()
+            }
+            Some(("image", id)) => {
+                daemon.remove_image(id).await.is_ok()
+                    || daemon.image_diff_ids(id).await.is_ok_and(|i| i.is_none())
+            }
+            _ => true,
+        };
+        if done {
+            eprintln!("migrate-in: removed {line}, left by an earlier failed migration");
+        } else {
+            left.push_str(line);
+            left.push('\n');
+        }
+    }
+    if left.is_empty() {
+        let _ = fs::remove_file(docker_pending(opts));
+    } else {
+        let _ = fs::write(docker_pending(opts), left);
     }
 }
 
 impl Incoming {
     async fn undo(&mut self, root: &StateRoot) {
         if let Some(mut d) = self.docker.take() {
-            d.undo().await;
+            d.undo(&self.dir.with_file_name("docker-pending-removal"))
+                .await;
         }
         if let Some(mut lazy) = self.lazy.take() {
             lazy.abort();
@@ -189,6 +247,7 @@ fn clean_stale(root: &StateRoot, opts: &InOptions) {
 /// Serves migrations on `opts.listen`; returns after one with `--once`.
 pub async fn migrate_in(root: &StateRoot, opts: &InOptions) -> Result<()> {
     clean_stale(root, opts);
+    clean_docker_pending(opts).await;
     let key = migrun_wire::load_key(&opts.key)?;
     let listener = tokio::net::TcpListener::bind(&opts.listen)
         .await
