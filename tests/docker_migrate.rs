@@ -478,3 +478,79 @@ fn daemon_b_stopped_mid_migration_leaves_a_running_and_b_clean() {
         fs::read_to_string(&log).unwrap_or_default()
     );
 }
+
+/// Unmounts a mount point when dropped.
+struct Unmount(std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn target_without_space_for_the_layers_refuses_and_holds_nothing() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("tmp");
+    let key = key(dir.path());
+    let name = unique_id("dmig-full");
+    let _cleanup = Cleanup {
+        containers: vec![name.clone()],
+        images: vec![],
+    };
+    // migrate-in's work dir, where the layers arrive: a 512 KiB tmpfs for
+    // a 2 MiB layer.
+    let work = dir.path().join("in");
+    fs::create_dir_all(&work).expect("mkdir");
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=512k", "tmpfs"])
+        .arg(&work)
+        .status()
+        .expect("mount");
+    assert!(st.success());
+    let _unmount = Unmount(work);
+    let base = docker_ok(A, &["image", "inspect", "-f", "{{.Id}}", "busybox:local"]);
+    assert!(
+        !docker(B, &["image", "inspect", &base]).status.success(),
+        "B already has A's busybox image"
+    );
+    docker_ok(
+        A,
+        &[
+            "run",
+            "-d",
+            "--name",
+            &name,
+            "--runtime=migrun",
+            "busybox:local",
+            "sh",
+            "-c",
+            "i=0; while true; do i=$((i+1)); echo $i; sleep 0.1; done",
+        ],
+    );
+    assert!(wait_until(Duration::from_secs(10), || numbers(A, &name)
+        .len()
+        >= 3));
+    let child = migrate_in(B, &key, port(6), dir.path());
+    let out = Command::new(migrun_bin())
+        .args(["migrate-out", "--docker-host", A, &name, "--to"])
+        .arg(format!("127.0.0.1:{}", port(6)))
+        .arg("--key")
+        .arg(&key)
+        .arg("--work-dir")
+        .arg(dir.path().join("out"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("migrate-out");
+    let _ = child.wait_with_output();
+    assert!(!out.status.success(), "the migration succeeded");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("No space left"), "{err}");
+    // A runs on, B holds neither the container nor the image.
+    let before = numbers(A, &name).last().copied().unwrap_or(0);
+    assert!(wait_until(Duration::from_secs(5), || numbers(A, &name)
+        .last()
+        .is_some_and(|n| *n > before + 2)));
+    assert!(!docker(B, &["inspect", &name]).status.success());
+    assert!(!docker(B, &["image", "inspect", &base]).status.success());
+}
