@@ -107,19 +107,64 @@ fn migrate_in(to: &str, key: &Path, port: u16, dir: &Path) -> Child {
     child
 }
 
-/// migrate-out of container `name` of daemon `from`; returns the figures.
-fn migrate_out(from: &str, name: &str, key: &Path, port: u16, dir: &Path) -> serde_json::Value {
-    let stats = dir.join(format!("stats-{port}.json"));
-    let out = Command::new(migrun_bin())
-        .args(["migrate-out", "--docker-host", from, name, "--to"])
+/// The migrate-out command for container `name` of daemon `from` to the
+/// migrate-in listening on `port`.
+fn migrate_out_cmd(from: &str, name: &str, key: &Path, port: u16, dir: &Path) -> Command {
+    let mut cmd = Command::new(migrun_bin());
+    cmd.args(["migrate-out", "--docker-host", from, name, "--to"])
         .arg(format!("127.0.0.1:{port}"))
         .arg("--key")
         .arg(key)
-        .arg("--stats-json")
-        .arg(&stats)
         .arg("--work-dir")
         .arg(dir.join(format!("out-{port}")))
-        .stdin(Stdio::null())
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// Runs a counter container `name` of `image` on A, printing a number
+/// every 0.1 s (after `prelude`), until it printed three.
+fn start_counter(name: &str, image: &str, prelude: &str) {
+    let script = format!("{prelude}i=0; while true; do i=$((i+1)); echo $i; sleep 0.1; done");
+    docker_ok(
+        A,
+        &[
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--runtime=migrun",
+            image,
+            "sh",
+            "-c",
+            &script,
+        ],
+    );
+    assert!(wait_until(Duration::from_secs(10), || numbers(A, name)
+        .len()
+        >= 3));
+}
+
+/// Checks that container `name` runs on A and counts on.
+fn assert_counting_on_a(name: &str) {
+    let before = numbers(A, name).last().copied().unwrap_or(0);
+    assert!(
+        wait_until(Duration::from_secs(5), || numbers(A, name)
+            .last()
+            .is_some_and(|n| *n > before + 2)),
+        "{name} does not count on on A"
+    );
+    assert_eq!(
+        docker_ok(A, &["inspect", "-f", "{{.State.Running}}", name]),
+        "true"
+    );
+}
+
+/// migrate-out of container `name` of daemon `from`; returns the figures.
+fn migrate_out(from: &str, name: &str, key: &Path, port: u16, dir: &Path) -> serde_json::Value {
+    let stats = dir.join(format!("stats-{port}.json"));
+    let out = migrate_out_cmd(from, name, key, port, dir)
+        .arg("--stats-json")
+        .arg(&stats)
         .output()
         .expect("migrate-out");
     let log = fs::read_to_string(dir.join(format!("in-{port}.log"))).unwrap_or_default();
@@ -307,34 +352,11 @@ fn a_failed_docker_migration_leaves_the_source_running_and_the_target_clean() {
         containers: vec![name.clone()],
         images: vec![],
     };
-    docker_ok(
-        A,
-        &[
-            "run",
-            "-d",
-            "--name",
-            &name,
-            "--runtime=migrun",
-            "busybox:local",
-            "sh",
-            "-c",
-            "i=0; while true; do i=$((i+1)); echo $i; sleep 0.1; done",
-        ],
-    );
-    assert!(wait_until(Duration::from_secs(10), || numbers(A, &name)
-        .len()
-        >= 3));
+    start_counter(&name, "busybox:local", "");
     // B already has a container of that name: the target refuses.
     docker_ok(B, &["create", "--name", &name, "busybox:local", "true"]);
     let child = migrate_in(B, &key, port(3), dir.path());
-    let out = Command::new(migrun_bin())
-        .args(["migrate-out", "--docker-host", A, &name, "--to"])
-        .arg(format!("127.0.0.1:{}", port(3)))
-        .arg("--key")
-        .arg(&key)
-        .arg("--work-dir")
-        .arg(dir.path().join("out"))
-        .stdin(Stdio::null())
+    let out = migrate_out_cmd(A, &name, &key, port(3), dir.path())
         .output()
         .expect("migrate-out");
     assert!(!out.status.success());
@@ -342,14 +364,7 @@ fn a_failed_docker_migration_leaves_the_source_running_and_the_target_clean() {
     assert!(err.contains("already exists"), "{err}");
     let _ = child.wait_with_output();
     // Still running on A, counting on.
-    let before = numbers(A, &name).last().copied().unwrap_or(0);
-    assert!(wait_until(Duration::from_secs(5), || numbers(A, &name)
-        .last()
-        .is_some_and(|n| *n > before + 2)));
-    assert_eq!(
-        docker_ok(A, &["inspect", "-f", "{{.State.Running}}", &name]),
-        "true"
-    );
+    assert_counting_on_a(&name);
     // B holds only the container it had.
     assert_eq!(
         docker_ok(B, &["inspect", "-f", "{{.State.Status}}", &name]),
@@ -417,31 +432,10 @@ fn daemon_b_stopped_mid_migration_leaves_a_running_and_b_clean() {
         .status()
         .expect("save | load");
     assert!(save.success());
-    docker_ok(
-        A,
-        &["run", "-d", "--name", &name, "--runtime=migrun", &base, "sh", "-c",
-          "x=$(head -c 1000000 /dev/urandom | base64); i=0; while true; do i=$((i+1)); echo $i; sleep 0.1; done"],
-    );
-    assert!(wait_until(Duration::from_secs(10), || numbers(A, &name)
-        .len()
-        >= 3));
+    start_counter(&name, &base, "x=$(head -c 1000000 /dev/urandom | base64); ");
     let child = migrate_in(B, &key, port(4), dir.path());
-    let out = Command::new(migrun_bin())
-        .args([
-            "migrate-out",
-            "--docker-host",
-            A,
-            &name,
-            "--bandwidth",
-            "1",
-            "--to",
-        ])
-        .arg(format!("127.0.0.1:{}", port(4)))
-        .arg("--key")
-        .arg(&key)
-        .arg("--work-dir")
-        .arg(dir.path().join("out"))
-        .stdin(Stdio::null())
+    let out = migrate_out_cmd(A, &name, &key, port(4), dir.path())
+        .args(["--bandwidth", "1"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -458,14 +452,7 @@ fn daemon_b_stopped_mid_migration_leaves_a_running_and_b_clean() {
     assert!(!out.status.success(), "the migration succeeded with B down");
     let _ = child.wait_with_output();
     // A: running, counting on.
-    let before = numbers(A, &name).last().copied().unwrap_or(0);
-    assert!(wait_until(Duration::from_secs(5), || numbers(A, &name)
-        .last()
-        .is_some_and(|n| *n > before + 2)));
-    assert_eq!(
-        docker_ok(A, &["inspect", "-f", "{{.State.Running}}", &name]),
-        "true"
-    );
+    assert_counting_on_a(&name);
     // B, back: the next migrate-in removes what the failed one made there.
     daemon_b("up");
     let mut child = migrate_in(B, &key, port(5), dir.path());
@@ -514,32 +501,9 @@ fn target_without_space_for_the_layers_refuses_and_holds_nothing() {
         !docker(B, &["image", "inspect", &base]).status.success(),
         "B already has A's busybox image"
     );
-    docker_ok(
-        A,
-        &[
-            "run",
-            "-d",
-            "--name",
-            &name,
-            "--runtime=migrun",
-            "busybox:local",
-            "sh",
-            "-c",
-            "i=0; while true; do i=$((i+1)); echo $i; sleep 0.1; done",
-        ],
-    );
-    assert!(wait_until(Duration::from_secs(10), || numbers(A, &name)
-        .len()
-        >= 3));
+    start_counter(&name, "busybox:local", "");
     let child = migrate_in(B, &key, port(6), dir.path());
-    let out = Command::new(migrun_bin())
-        .args(["migrate-out", "--docker-host", A, &name, "--to"])
-        .arg(format!("127.0.0.1:{}", port(6)))
-        .arg("--key")
-        .arg(&key)
-        .arg("--work-dir")
-        .arg(dir.path().join("out"))
-        .stdin(Stdio::null())
+    let out = migrate_out_cmd(A, &name, &key, port(6), dir.path())
         .output()
         .expect("migrate-out");
     let _ = child.wait_with_output();
@@ -547,10 +511,7 @@ fn target_without_space_for_the_layers_refuses_and_holds_nothing() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("No space left"), "{err}");
     // A runs on, B holds neither the container nor the image.
-    let before = numbers(A, &name).last().copied().unwrap_or(0);
-    assert!(wait_until(Duration::from_secs(5), || numbers(A, &name)
-        .last()
-        .is_some_and(|n| *n > before + 2)));
+    assert_counting_on_a(&name);
     assert!(!docker(B, &["inspect", &name]).status.success());
     assert!(!docker(B, &["image", "inspect", &base]).status.success());
 }
