@@ -117,7 +117,21 @@ impl LazyPages {
             .map_err(|e| MigrateError::Target(format!("lazy-pages: dup: {e}")))?;
         drop(ready_w);
         let log = dir.join("lazy-pages.log");
-        let spawned = Command::new(criu)
+        let mut cmd = Command::new(criu);
+        // The daemon is useless without our page server: it goes when we
+        // go (a killed migrate-in must not leave it waiting forever).
+        // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches
+        // nothing of the parent's state.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+        let spawned = cmd
             .arg("lazy-pages")
             .arg("--page-server")
             .args(["--address", "127.0.0.1", "--port", &port.to_string()])
