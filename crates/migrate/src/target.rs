@@ -216,12 +216,25 @@ fn clean_stale(root: &StateRoot, opts: &InOptions) {
     };
     let dirs = stale(&opts.work_dir);
     // A restore that was interrupted: a state directory without state.json,
-    // holding the bind mount CRIU restores the root from.
+    // holding the bind mount CRIU restores the root from, or killed before
+    // it made that (then at least a few seconds old: not a container that
+    // another migrun is creating right now).
+    let settled = |dir: &Path| {
+        fs::metadata(dir)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > std::time::Duration::from_secs(2))
+    };
     if let Ok(entries) = fs::read_dir(root.path()) {
         for e in entries.flatten() {
             let dir = e.path();
             let criu_root = dir.join("criu-root");
-            if criu_root.exists() && !dir.join("state.json").exists() {
+            if e.file_type().is_ok_and(|t| t.is_dir())
+                && !dir.join("state.json").exists()
+                && (criu_root.exists() || settled(&dir))
+                && !e.file_name().to_string_lossy().starts_with('.')
+            {
                 let _ = nix::mount::umount2(&criu_root, nix::mount::MntFlags::MNT_DETACH);
                 let _ = fs::remove_dir_all(&dir);
             }
