@@ -303,43 +303,12 @@ impl Source<'_> {
         let mut bytes = 0;
         for rel in changed {
             let path = root.join(&rel);
-            let Ok(mut file) = fs::File::open(&path) else {
+            // Gone since the snapshot: the manifest drops it.
+            let Ok(file) = fs::File::open(&path) else {
                 continue;
             };
-            let wire = format!("{prefix}{rel}");
-            let mut offset = 0u64;
-            let mut chunk = vec![0u8; FILE_CHUNK];
-            loop {
-                let n = file
-                    .read(&mut chunk)
-                    .map_err(|e| MigrateError::Source(format!("read {}: {e}", path.display())))?;
-                if n == 0 {
-                    break;
-                }
-                self.ch
-                    .send(&Message::FileChunk {
-                        path: wire.clone(),
-                        offset,
-                        data: migrun_wire::Bytes::copy_from_slice(&chunk[..n]),
-                    })
-                    .await?;
-                offset += n as u64;
-                bytes += n as u64;
-            }
-            if offset == 0 {
-                self.ch
-                    .send(&Message::FileChunk {
-                        path: wire.clone(),
-                        offset: 0,
-                        data: migrun_wire::Bytes::new(),
-                    })
-                    .await?;
-            }
-            self.ch
-                .send(&Message::FileDone {
-                    path: wire,
-                    size: offset,
-                })
+            bytes += self
+                .stream_file(file, &path, &format!("{prefix}{rel}"))
                 .await?;
         }
         let manifest = serde_json::to_vec(now).map_err(|e| MigrateError::Source(e.to_string()))?;
@@ -445,15 +414,22 @@ impl Source<'_> {
 
     /// Sends the file at `path` under the wire name `wire`.
     async fn send_file(&mut self, path: &Path, wire: &str) -> Result<u64> {
-        let mut file = fs::File::open(path)
+        let file = fs::File::open(path)
             .map_err(|e| MigrateError::Source(format!("read {}: {e}", path.display())))?;
+        self.stream_file(file, path, wire).await
+    }
+
+    /// Sends the content of `file` (read from `path`) in chunks under the
+    /// wire name `wire`, then its size; an empty file still sends one
+    /// (empty) chunk, so that the target creates it. Returns the bytes sent.
+    async fn stream_file(&mut self, mut file: fs::File, path: &Path, wire: &str) -> Result<u64> {
         let mut offset = 0u64;
         let mut chunk = vec![0u8; FILE_CHUNK];
         loop {
             let n = file
                 .read(&mut chunk)
                 .map_err(|e| MigrateError::Source(format!("read {}: {e}", path.display())))?;
-            if n == 0 {
+            if n == 0 && offset > 0 {
                 break;
             }
             self.ch
@@ -464,6 +440,9 @@ impl Source<'_> {
                 })
                 .await?;
             offset += n as u64;
+            if n == 0 {
+                break;
+            }
         }
         self.ch
             .send(&Message::FileDone {
