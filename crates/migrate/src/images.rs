@@ -229,19 +229,27 @@ pub fn complete_process_images(dir: &Path, pid: u32, store: &PageStore) -> Resul
     Ok(filled)
 }
 
+/// The N of every `pagemap-N.img` in `dir`: the processes of the images.
+pub fn pagemap_pids(dir: &Path) -> Result<Vec<u32>> {
+    let entries = fs::read_dir(dir).map_err(|e| bad(format!("read {}: {e}", dir.display())))?;
+    Ok(entries
+        .flatten()
+        .filter_map(|entry| {
+            entry
+                .file_name()
+                .to_string_lossy()
+                .strip_prefix("pagemap-")
+                .and_then(|r| r.strip_suffix(".img"))
+                .and_then(|p| p.parse::<u32>().ok())
+        })
+        .collect())
+}
+
 /// Completes the images of every process in `dir` (each `pagemap-N.img`).
 pub fn complete_images(dir: &Path, store: &PageStore) -> Result<u64> {
     let mut total = 0;
-    let entries = fs::read_dir(dir).map_err(|e| bad(format!("read {}: {e}", dir.display())))?;
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if let Some(pid) = name
-            .strip_prefix("pagemap-")
-            .and_then(|r| r.strip_suffix(".img"))
-            .and_then(|p| p.parse::<u32>().ok())
-        {
-            total += complete_process_images(dir, pid, store)?;
-        }
+    for pid in pagemap_pids(dir)? {
+        total += complete_process_images(dir, pid, store)?;
     }
     Ok(total)
 }

@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::images::{Pagemap, PE_LAZY, PE_PRESENT};
+use crate::images::{self, Pagemap, PE_LAZY, PE_PRESENT};
 use crate::store::PageStore;
 use crate::{MigrateError, Result};
 
@@ -70,18 +70,11 @@ pub fn check_complete(dir: &Path, store: &PageStore) -> Result<u64> {
 
 /// Every `pagemap-N.img` of `dir`, parsed, with its N.
 fn pagemaps(dir: &Path) -> Result<Vec<(u32, Pagemap)>> {
-    let bad = |e: std::io::Error| MigrateError::Images(format!("read {}: {e}", dir.display()));
     let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).map_err(bad)?.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name
-            .strip_prefix("pagemap-")
-            .and_then(|r| r.strip_suffix(".img"))
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let bytes = std::fs::read(entry.path()).map_err(bad)?;
+    for pid in images::pagemap_pids(dir)? {
+        let path = dir.join(format!("pagemap-{pid}.img"));
+        let bytes = std::fs::read(&path)
+            .map_err(|e| MigrateError::Images(format!("read {}: {e}", path.display())))?;
         out.push((pid, Pagemap::parse(&bytes)?));
     }
     Ok(out)
