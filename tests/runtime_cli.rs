@@ -140,6 +140,69 @@ fn exec_output_and_exit_code() {
     m.ok(&["delete", "-f", &id]);
 }
 
+/// The cgroup of `pid` in each hierarchy, from /proc/PID/cgroup:
+/// (controllers, path) pairs.
+fn cgroups_of(pid: i64) -> Vec<(String, String)> {
+    fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .expect("read /proc/PID/cgroup")
+        .lines()
+        .filter_map(|l| {
+            let mut parts = l.splitn(3, ':');
+            let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+            Some((controllers.to_string(), path.to_string()))
+        })
+        .collect()
+}
+
+#[test]
+fn init_and_exec_processes_join_every_cgroup_hierarchy() {
+    // migrun's libcgroups moves a process into v1 cgroups by writing `0` to
+    // `tasks` (third_party/README.md): the init and an exec'd process must
+    // still land in the container's cgroup in every hierarchy.
+    let m = Migrun::new();
+    let id = unique_id("cgjoin");
+    let b = Bundle::new(&["sleep", "60"]);
+    m.ok(&["run", "-d", "-b", b.path().to_str().expect("utf8"), &id]);
+    let init = m.state(&id)["pid"].as_i64().expect("pid");
+    let exec_pid_file = b.path().join("exec.pid");
+    m.ok(&[
+        "exec",
+        "-d",
+        "--pid-file",
+        exec_pid_file.to_str().expect("utf8"),
+        &id,
+        "sleep",
+        "61",
+    ]);
+    let exec_pid: i64 = fs::read_to_string(&exec_pid_file)
+        .expect("exec pid file")
+        .trim()
+        .parse()
+        .expect("pid");
+    let ours: Vec<(String, String)> = cgroups_of(i64::from(std::process::id()));
+    for pid in [init, exec_pid] {
+        let theirs = cgroups_of(pid);
+        let v1: Vec<_> = theirs
+            .iter()
+            .filter(|(c, _)| {
+                c.split(',')
+                    .any(|c| ["cpu", "memory", "pids", "freezer", "devices", "blkio"].contains(&c))
+            })
+            .collect();
+        if ours.iter().all(|(c, _)| c.is_empty()) {
+            continue; // a pure cgroup v2 host: nothing v1 to check
+        }
+        assert!(v1.len() >= 5, "pid {pid}: {theirs:?}");
+        for (controllers, path) in v1 {
+            assert!(
+                path.contains(&id),
+                "pid {pid} is not in the container's {controllers} cgroup: {path}"
+            );
+        }
+    }
+    m.ok(&["delete", "-f", &id]);
+}
+
 #[test]
 fn ps_lists_container_processes() {
     let m = Migrun::new();
