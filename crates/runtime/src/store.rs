@@ -7,7 +7,9 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use libcontainer::container::state::StateError;
 use libcontainer::container::Container;
+use libcontainer::error::LibcontainerError;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Context, Result, RuntimeError};
@@ -66,7 +68,7 @@ impl StateRoot {
         if !dir.join("state.json").exists() {
             return Err(RuntimeError::NotFound(id.to_string()));
         }
-        let mut container = Container::load(dir).ctx(|| format!("load state of container {id}"))?;
+        let mut container = load_whole(dir).ctx(|| format!("load state of container {id}"))?;
         container
             .refresh_status()
             .ctx(|| format!("refresh status of container {id}"))?;
@@ -103,5 +105,25 @@ impl StateRoot {
         let bytes =
             serde_json::to_vec(meta).map_err(|e| RuntimeError::InvalidInput(e.to_string()))?;
         fs::write(&path, bytes).ctx(|| format!("write {}", path.display()))
+    }
+}
+
+/// [`Container::load`], retried briefly while the state file does not parse.
+///
+/// libcontainer rewrites `state.json` in place (truncate, then write), so a
+/// `state` racing a `create` or `start` can read it empty or half written.
+/// A write takes microseconds: a reader that retries for up to 100 ms sees
+/// the finished file, and a file still unparsable by then is reported.
+fn load_whole(dir: PathBuf) -> std::result::Result<Container, LibcontainerError> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(100);
+    loop {
+        match Container::load(dir.clone()) {
+            Err(LibcontainerError::State(StateError::ParseStateFile { .. }))
+                if std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            other => return other,
+        }
     }
 }
