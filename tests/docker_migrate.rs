@@ -373,6 +373,102 @@ fn a_failed_docker_migration_leaves_the_source_running_and_the_target_clean() {
     docker_ok(B, &["rm", &name]);
 }
 
+/// The answer of the web server at `addr` (HTTP/1.0 GET /), or why none came.
+fn http_get(addr: &str) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let sock: std::net::SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    let mut s = std::net::TcpStream::connect_timeout(&sock, Duration::from_secs(2))
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))
+        .map_err(|e| e.to_string())?;
+    s.write_all(b"GET /hello.txt HTTP/1.0\r\n\r\n")
+        .map_err(|e| format!("send: {e}"))?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)
+        .map_err(|e| format!("read: {e}"))?;
+    Ok(body)
+}
+
+#[test]
+fn docker_container_with_an_open_connection_moves_and_gets_the_targets_network() {
+    // A server holding an established connection: the dump carries it, and
+    // the restore through Docker (containerd passes no --tcp-established)
+    // must take it (closed: the container gets a new address on B). On B
+    // the container must sit in the network B's Docker made for it
+    // (Docker sets it up in an OCI prestart hook, which the restore runs).
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("tmp");
+    let key = key(dir.path());
+    let name = unique_id("dmig-net");
+    // A tag of its own: removing it afterwards removes the image from B
+    // (other tests need B without it) and only the tag from A.
+    let image = format!("{name}-img:1");
+    let _cleanup = Cleanup {
+        containers: vec![name.clone()],
+        images: vec![image.clone()],
+    };
+    docker_ok(A, &["tag", "busybox:local", &image]);
+    docker_ok(
+        A,
+        &[
+            "run",
+            "-d",
+            "--name",
+            &name,
+            "--runtime=migrun",
+            &image,
+            "sh",
+            "-c",
+            "echo hello from the container > /hello.txt; exec httpd -f -p 8080 -h /",
+        ],
+    );
+    let ip_on = |host: &str| {
+        docker_ok(
+            host,
+            &["inspect", "-f", "{{.NetworkSettings.IPAddress}}", &name],
+        )
+    };
+    let ip_a = ip_on(A);
+    assert!(!ip_a.is_empty(), "no address on A");
+    let mut body = Err(String::new());
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            body = http_get(&format!("{ip_a}:8080"));
+            body.as_ref()
+                .is_ok_and(|b| b.contains("hello from the container"))
+        }),
+        "the server does not answer on A: {body:?}"
+    );
+    // Established, and idle during the migration (httpd waits for a request).
+    let open = std::net::TcpStream::connect(format!("{ip_a}:8080")).expect("connect");
+
+    let child = migrate_in(B, &key, port(2), dir.path());
+    let stats = migrate_out(A, &name, &key, port(2), dir.path());
+    finish(child);
+    assert!(stats["downtime_ms"].as_f64().is_some(), "{stats}");
+    drop(open);
+
+    assert_eq!(
+        docker_ok(B, &["inspect", "-f", "{{.State.Running}}", &name]),
+        "true"
+    );
+    let ip_b = ip_on(B);
+    assert!(!ip_b.is_empty(), "no address on B");
+    let addrs = docker_ok(B, &["exec", &name, "ip", "-4", "addr", "show"]);
+    assert!(
+        addrs.contains(&format!("inet {ip_b}/")),
+        "the container is not in the network B made for it ({ip_b}): {addrs}"
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            body = http_get(&format!("{ip_b}:8080"));
+            body.as_ref()
+                .is_ok_and(|b| b.contains("hello from the container"))
+        }),
+        "the server does not answer on B at {ip_b}: {body:?}"
+    );
+}
+
 /// Runs hack/docker.sh for daemon B (`up` or `down`), as `make docker-up-b`.
 fn daemon_b(action: &str) {
     let st = Command::new("bash")

@@ -10,7 +10,9 @@ pub mod images;
 pub mod request;
 
 pub use binary::{resolve, CriuBinary};
-pub use request::{dump, restore, CgroupsMode, DumpRequest, RestoreRequest};
+pub use request::{
+    dump, restore, restore_with_hook, CgroupsMode, DumpRequest, RestoreRequest, SetupNamespacesHook,
+};
 
 use std::path::PathBuf;
 

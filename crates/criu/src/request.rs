@@ -1,5 +1,6 @@
 //! Dump and restore requests, sent to CRIU over its RPC (`criu swrk`).
 
+use std::cell::RefCell;
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
@@ -106,6 +107,9 @@ pub struct RestoreRequest {
     /// Leave the restored tasks stopped (SIGSTOP): the caller resumes them
     /// once it knows they may run (a migration's commit).
     pub leave_stopped: bool,
+    /// Restore dumped TCP connections closed (CRIU's `--tcp-close`): their
+    /// peers saw another address, so the programs get an error and reconnect.
+    pub tcp_close: bool,
     /// External objects, e.g. `veth[eth0]:mrv1234abcd`: the outside end of
     /// a dumped veth, created under that name in CRIU's own namespace.
     pub externals: Vec<String>,
@@ -274,16 +278,63 @@ pub fn dump(bin: &CriuBinary, req: &DumpRequest) -> Result<()> {
 /// Pid of the restored root task, reported by CRIU's post-restore notification.
 static RESTORED_PID: AtomicI32 = AtomicI32::new(0);
 
-/// CRIU notification callback: records the restored pid.
+/// What runs at CRIU's `setup-namespaces` notification of a restore, with
+/// the restored root task's pid: its namespaces exist, nothing runs in them
+/// yet. runc runs the OCI prestart and createRuntime hooks there (Docker's
+/// network set-up is such a hook). An `Err` aborts the restore.
+pub type SetupNamespacesHook = Box<dyn FnMut(i32) -> std::result::Result<(), String>>;
+
+thread_local! {
+    /// The hook of the restore running on this thread (CRIU's notifications
+    /// arrive on the thread that sent the request).
+    static SETUP_NAMESPACES: RefCell<Option<SetupNamespacesHook>> = const { RefCell::new(None) };
+    /// Why that hook failed, for the restore's error.
+    static HOOK_FAILURE: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+/// CRIU notification callback: records the restored pid and runs the
+/// setup-namespaces hook.
 fn on_notify(script: &str, notify: &Criu_notify, _fd: Option<RawFd>) -> i32 {
-    if script == "post-restore" {
-        RESTORED_PID.store(notify.pid(), Ordering::SeqCst);
+    match script {
+        "post-restore" => RESTORED_PID.store(notify.pid(), Ordering::SeqCst),
+        "setup-namespaces" => {
+            let ran = SETUP_NAMESPACES.with(|h| h.borrow_mut().as_mut().map(|f| f(notify.pid())));
+            if let Some(Err(why)) = ran {
+                HOOK_FAILURE.with(|f| *f.borrow_mut() = Some(why));
+                return 1;
+            }
+        }
+        _ => {}
     }
     0
 }
 
 /// Restores a process tree with CRIU and returns the pid of its root task.
 pub fn restore(bin: &CriuBinary, req: &RestoreRequest) -> Result<i32> {
+    restore_with_hook(bin, req, None)
+}
+
+/// [`restore`], running `hook` at CRIU's setup-namespaces notification.
+pub fn restore_with_hook(
+    bin: &CriuBinary,
+    req: &RestoreRequest,
+    hook: Option<SetupNamespacesHook>,
+) -> Result<i32> {
+    SETUP_NAMESPACES.with(|h| *h.borrow_mut() = hook);
+    HOOK_FAILURE.with(|f| *f.borrow_mut() = None);
+    let restored = restore_inner(bin, req);
+    SETUP_NAMESPACES.with(|h| *h.borrow_mut() = None);
+    match (restored, HOOK_FAILURE.with(|f| f.borrow_mut().take())) {
+        (Err(CriuError::Failed { log, .. }), Some(why)) => Err(CriuError::Failed {
+            action: "restore",
+            detail: format!("a setup-namespaces hook failed: {why}"),
+            log,
+        }),
+        (restored, _) => restored,
+    }
+}
+
+fn restore_inner(bin: &CriuBinary, req: &RestoreRequest) -> Result<i32> {
     let _span = tracing::info_span!("criu_restore").entered();
     let (mut criu, _dirs, log) =
         session(bin, &req.image_dir, req.work_dir.as_deref(), RESTORE_LOG)?;
@@ -323,6 +374,9 @@ pub fn restore(bin: &CriuBinary, req: &RestoreRequest) -> Result<i32> {
     }
     if req.leave_stopped {
         lines.push("leave-stopped");
+    }
+    if req.tcp_close {
+        lines.push("tcp-close");
     }
     configure(req.work_dir.as_ref().unwrap_or(&req.image_dir), &lines)?;
     RESTORED_PID.store(0, Ordering::SeqCst);

@@ -40,7 +40,7 @@ pub const IMAGE_WIRE_PATH: &str = "\u{0}docker/image.tar";
 pub const WANT_IMAGE: &str = "image";
 /// File in a checkpoint directory that makes `migrun restore` leave the
 /// restored processes stopped (the two-phase hand-over of a migration).
-pub use migrun_runtime::checkpoint::LEAVE_STOPPED_MARKER;
+pub use migrun_runtime::checkpoint::{LEAVE_STOPPED_MARKER, TCP_CLOSE_MARKER};
 
 fn api_err(what: &str, e: bollard::errors::Error) -> MigrateError {
     MigrateError::Docker(format!("{what}: {e}"))

@@ -788,8 +788,10 @@ async fn docker_commit(
         let to = dir.join(entry.file_name());
         fs::copy(entry.path(), &to).map_err(|e| io(&to, e))?;
     }
-    let marker = dir.join(docker::LEAVE_STOPPED_MARKER);
-    fs::write(&marker, b"").map_err(|e| io(&marker, e))?;
+    for name in [docker::LEAVE_STOPPED_MARKER, docker::TCP_CLOSE_MARKER] {
+        let marker = dir.join(name);
+        fs::write(&marker, b"").map_err(|e| io(&marker, e))?;
+    }
     dock.daemon.start_from_checkpoint(&cid, &checkpoint).await?;
     inc.restored = true;
     eprintln!(

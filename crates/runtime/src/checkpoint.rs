@@ -10,7 +10,9 @@ use std::fs;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 
-use libcgroups::common::{CgroupConfig, CgroupManager, ControllerOpt};
+use libcgroups::common::{
+    AnyCgroupManager, AnyManagerError, CgroupConfig, CgroupManager, ControllerOpt,
+};
 use libcontainer::config::YoukiConfig;
 use libcontainer::container::{Container, ContainerStatus};
 use migrun_criu::{CgroupsMode, CriuBinary, DumpRequest, RestoreRequest};
@@ -216,8 +218,18 @@ fn loopback_only(pid: i32) -> bool {
         .unwrap_or(false)
 }
 
+/// A file in an image directory that makes [`restore`] restore the dumped
+/// TCP connections closed (CRIU's `--tcp-close`). A container migrated into
+/// a Docker daemon gets a new address there, so its connections cannot go
+/// on; its programs see them fail and reconnect. Docker restores through
+/// containerd, which passes no `--tcp-established`: without this, CRIU
+/// refuses the images ("Connected TCP socket in image").
+pub const TCP_CLOSE_MARKER: &str = "migrun-tcp-close";
+
 /// Marker in an image directory: the network namespace was dumped empty
-/// (it had only loopback and no sockets); restore brings loopback up.
+/// (it had only loopback and no sockets, or `--empty-ns network` asked for
+/// it); restore restores it empty, runs the prestart hooks and brings
+/// loopback up.
 const NETNS_EMPTIED: &str = "migrun-netns-emptied";
 
 /// Whether the network namespace of `pid` holds no inet socket at all, so
@@ -455,7 +467,10 @@ pub fn dump_request(
         .iter()
         .any(|(t, _)| *t == LinuxNamespaceType::Network);
     let empty_netns = network_lock_skip && own_netns && no_inet_sockets(pid.as_raw());
-    if empty_netns {
+    // Dumped empty on request too (`--empty-ns network`, a migration into
+    // another Docker daemon): whoever restores it, even without the flag
+    // (containerd), must restore it empty and let the hooks set it up.
+    if empty_netns || (own_netns && empty_net_ns(&opts.empty_ns)?) {
         fs::write(image_path.join(NETNS_EMPTIED), b"")
             .ctx(|| format!("write {}", image_path.display()))?;
     }
@@ -531,23 +546,77 @@ fn pre_dump(bin: &CriuBinary, pid: Pid, image_path: &Path, opts: &CheckpointOpti
     Ok(())
 }
 
-/// The calling process's cgroup memberships, to return to after a restore.
+/// The spec's prestart and createRuntime hooks, to run when CRIU has set up
+/// the restored tree's namespaces, as runc's restore does. Docker configures
+/// a container's network in such a hook (`libnetwork-setkey`), so without
+/// them a container migrated into another Docker daemon has no network.
+fn prestart_hooks(
+    spec: &Spec,
+    id: &str,
+    bundle: &Path,
+    state_dir: &Path,
+) -> Option<migrun_criu::SetupNamespacesHook> {
+    let hooks = spec.hooks().as_ref()?;
+    let to_run: Vec<_> = [hooks.prestart(), hooks.create_runtime()]
+        .into_iter()
+        .flatten()
+        .flatten()
+        .cloned()
+        .collect();
+    if to_run.is_empty() {
+        return None;
+    }
+    let mut state = libcontainer::container::State::new(
+        id,
+        ContainerStatus::Creating,
+        None,
+        bundle.to_path_buf(),
+    );
+    state.annotations = spec.annotations().clone();
+    let cwd = state_dir.to_path_buf();
+    Some(Box::new(move |pid| {
+        state.pid = Some(pid);
+        libcontainer::hooks::run_hooks(Some(&to_run), Some(&state), Some(&cwd), None, None)
+            .map_err(|e| format!("prestart hook: {e}"))
+    }))
+}
+
+/// Moves the calling thread into `manager`'s cgroups for a restore: CRIU,
+/// forked from this thread, and the tree it restores inherit them.
+///
+/// On cgroup v1 only this thread moves, by writing `0` to `tasks`: the
+/// kernel then skips its RCU-synchronised global lock, about 10 ms of a
+/// migration's downtime, even when the process has other threads (the
+/// lazy-page server of `migrate-in`). Elsewhere the whole process moves.
+fn enter_cgroup(manager: &AnyCgroupManager) -> std::result::Result<(), AnyManagerError> {
+    match manager {
+        AnyCgroupManager::V1(v1) => v1.add_calling_thread().map_err(AnyManagerError::from),
+        other => other.add_task(nix::unistd::getpid()),
+    }
+}
+
+/// The calling thread's cgroup memberships, to return to after a restore.
 struct CgroupReturn {
     lines: String,
 }
 
 impl CgroupReturn {
-    /// Records where this process is now.
+    /// Records where this thread is now.
     fn save() -> Self {
         Self {
-            lines: fs::read_to_string("/proc/self/cgroup").unwrap_or_default(),
+            lines: fs::read_to_string("/proc/thread-self/cgroup").unwrap_or_default(),
         }
     }
 
-    /// Moves this process back into every cgroup it was in.
+    /// Moves this thread back into every cgroup it was in: on v1 by writing
+    /// `0` to `tasks` (this thread, no global lock, see [`enter_cgroup`]),
+    /// on v2 (which has no `tasks`) by writing the pid to `cgroup.procs`.
     fn restore(&self) {
         let pid = std::process::id().to_string();
-        for line in self.lines.lines() {
+        let now = fs::read_to_string("/proc/thread-self/cgroup").unwrap_or_default();
+        // Only the hierarchies this thread left: a write that moves nothing
+        // still takes the kernel's lock on v2.
+        for line in self.lines.lines().filter(|l| !now.lines().any(|n| n == *l)) {
             let mut parts = line.splitn(3, ':');
             let (Some(_), Some(controllers), Some(path)) =
                 (parts.next(), parts.next(), parts.next())
@@ -567,7 +636,12 @@ impl CgroupReturn {
                     .collect()
             };
             for mp in mounts {
-                let procs = mp.join(path).join("cgroup.procs");
+                let dir = mp.join(path);
+                let tasks = dir.join("tasks");
+                if tasks.exists() && fs::write(&tasks, "0").is_ok() {
+                    break;
+                }
+                let procs = dir.join("cgroup.procs");
                 if procs.exists() && fs::write(&procs, &pid).is_ok() {
                     break;
                 }
@@ -724,8 +798,7 @@ pub fn restore_with_stdio(
         let _ = manager.remove();
     };
     let back = CgroupReturn::save();
-    let entered = manager
-        .add_task(nix::unistd::getpid())
+    let entered = enter_cgroup(&manager)
         .and_then(
             |_| match spec.linux().as_ref().and_then(|l| l.resources().as_ref()) {
                 Some(resources) => manager.apply(&ControllerOpt {
@@ -797,8 +870,18 @@ pub fn restore_with_stdio(
             veth_externals(root, &opts.id, &image_path)
         },
         leave_stopped: opts.leave_stopped || opts.image_path.join(LEAVE_STOPPED_MARKER).exists(),
+        tcp_close: opts.image_path.join(TCP_CLOSE_MARKER).exists(),
     };
-    let restored = migrun_criu::restore(&bin, &req);
+    // runc runs the hooks at every restore; here only when the network
+    // namespace comes back empty: otherwise CRIU recreates its interfaces
+    // after the hooks ran, and Docker's hook has put its own there already
+    // (CRIU fails with "File exists").
+    let hook = if empty_net {
+        prestart_hooks(&spec, &opts.id, &bundle, &dir)
+    } else {
+        None
+    };
+    let restored = migrun_criu::restore_with_hook(&bin, &req, hook);
     back.restore();
     drop(keep_open);
     let pid = match restored {

@@ -34,11 +34,18 @@ pub(super) trait Controller {
 /// `tasks` moves `current`, which cannot exit or exec under the writer, and
 /// the kernel skips the rwsem.
 pub(super) fn write_task(pid: Pid, cgroup_path: &Path) -> Result<(), WrappedIoError> {
-    if pid == nix::unistd::getpid() && single_threaded() {
+    if pid == nix::unistd::getpid() && (CALLING_THREAD_ONLY.get() || single_threaded()) {
         common::write_cgroup_file_str(cgroup_path.join(CGROUP_TASKS), "0")
     } else {
         common::write_cgroup_file(cgroup_path.join(CGROUP_PROCS), pid)
     }
+}
+
+thread_local! {
+    /// Set by `Manager::add_calling_thread` (migrun change): move only the
+    /// calling thread, whatever other threads the process has.
+    pub(super) static CALLING_THREAD_ONLY: std::cell::Cell<bool> =
+        const { std::cell::Cell::new(false) };
 }
 
 /// The v1 file listing a cgroup's threads.

@@ -108,6 +108,21 @@ impl Manager {
         Ok(Manager { subsystems })
     }
 
+    /// Moves the calling thread, and only it, into this manager's cgroup in
+    /// every subsystem, creating the cgroups as `add_task` does.
+    ///
+    /// migrun change (see third_party/README.md): a process that is about
+    /// to fork a helper into the cgroup (CRIU's restore) needs only the
+    /// forking thread there, and a thread moving itself (`0` to `tasks`)
+    /// skips the kernel's RCU-synchronised global lock even when the
+    /// process has other threads.
+    pub fn add_calling_thread(&self) -> Result<(), V1ManagerError> {
+        super::controller::CALLING_THREAD_ONLY.set(true);
+        let added = self.add_task(nix::unistd::getpid());
+        super::controller::CALLING_THREAD_ONLY.set(false);
+        added
+    }
+
     fn get_subsystem_path(
         cgroup_path: &Path,
         subsystem: &CtrlType,
