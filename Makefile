@@ -77,10 +77,10 @@ bench: bench-runtime bench-checkpoint bench-migrate bench-suite bench-docker
 bench-deps: deps
 	@bash hack/bench/install.sh
 
-bench-suite: build bench-deps
+bench-suite: build bench-deps docker-up docker-up-b
 	@bash hack/bench/suite.sh
 
-bench-quick: build bench-deps
+bench-quick: build bench-deps docker-up docker-up-b
 	@bash hack/bench/suite.sh --quick
 
 # One tiny scenario through the suite's code; checks every metric is there.

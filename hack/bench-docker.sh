@@ -23,6 +23,8 @@
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+# shellcheck source-path=SCRIPTDIR source=bench/docker-lib.sh
+. "$HACK_DIR/bench/docker-lib.sh"
 
 [[ ${1:-} != -h && ${1:-} != --help ]] || { sed -n '2,22s/^# \{0,1\}//p' "$0"; exit 0; }
 require_root
@@ -33,19 +35,16 @@ RATE=${BENCH_RATE:-1gbit}
 LAYER_MIB=${BENCH_LAYER_MIB:-64}
 OUT=${BENCH_OUT:-$REPO_ROOT/bench/results/$(date +%F)/docker}
 MIGRUN_BIN=${MIGRUN_BIN:-$REPO_ROOT/target/release/migrun}
-A=unix:///var/lib/migrun-docker/docker.sock
-B=unix:///var/lib/migrun-docker-b/docker.sock
+A=$DOCKER_A
+B=$DOCKER_B
 PORT=7272
 XPORT=7273
 
-da() { docker -H "$A" "$@"; }
-db() { docker -H "$B" "$@"; }
-in_a() { nsenter --net=/run/netns/mr-host-a -- "$@"; }
-in_b() { nsenter --net=/run/netns/mr-host-b -- "$@"; }
+in_a() { in_netns mr-host-a "$@"; }
+in_b() { in_netns mr-host-b "$@"; }
 now_ms() { date +%s%3N; }
 
-da version >/dev/null 2>&1 || die "daemon A does not answer (hack/docker.sh up)"
-db version >/dev/null 2>&1 || die "daemon B does not answer (make docker-up-b)"
+docker_require_ab
 TESTBED_RATE=$RATE bash "$HACK_DIR/testbed.sh" up >/dev/null 2>&1 || die "hack/testbed.sh up failed"
 eval "$(bash "$HACK_DIR/testbed.sh" env)"
 ADDR_B=$TESTBED_ADDR_B
@@ -80,8 +79,8 @@ prepare_b() {
     db rmi -f "$IMG" "$BASE" >/dev/null 2>&1 || true
     case $1 in
         lacks) ;;
-        base) da save "$BASE" | db load -q >/dev/null ;;
-        has) da save "$IMG" | db load -q >/dev/null ;;
+        base) docker_share_image "$A" "$B" "$BASE" || die "docker save | load of $BASE failed" ;;
+        has) docker_share_image "$A" "$B" "$IMG" || die "docker save | load of $IMG failed" ;;
     esac
 }
 
@@ -121,7 +120,7 @@ byhand_run() {
     local root_b id_b t0 t1 t2 bytes
     root_b="$(db info -f '{{.DockerRootDir}}')"
     rm -rf "$WORK/recv" && mkdir -p "$WORK/recv"
-    in_b socat -u "TCP-LISTEN:$XPORT,bind=$ADDR_B,reuseaddr" - >"$WORK/recv/bundle.tar" &
+    link_receive mr-host-b "$ADDR_B" "$XPORT" >"$WORK/recv/bundle.tar" &
     local rpid=$!
     sleep 0.2
     t0=$(now_ms)
@@ -131,16 +130,14 @@ byhand_run() {
     (
         cd "$WORK" && da save "$IMG" -o "$WORK/image.tar" \
             && tar -cf - image.tar -C "$WORK/ck" cp1
-    ) | in_a socat -u - "TCP:$ADDR_B:$XPORT"
+    ) | link_send mr-host-a "$ADDR_B" "$XPORT"
     wait "$rpid"
     bytes=$(stat -c %s "$WORK/recv/bundle.tar")
     tar -C "$WORK/recv" -xf "$WORK/recv/bundle.tar"
     db load -q -i "$WORK/recv/image.tar" >/dev/null
     id_b="$(db create --name "$NAME" --runtime=migrun "$IMG" sh -c \
         'i=0; while true; do i=$((i+1)); echo $i; sleep 0.1; done')"
-    mkdir -p "$root_b/containers/$id_b/checkpoints"
-    cp -a "$WORK/recv/cp1" "$root_b/containers/$id_b/checkpoints/cp1"
-    db start --checkpoint cp1 "$NAME" >/dev/null
+    docker_start_from_checkpoint "$B" "$id_b" "$WORK/recv" cp1 "$root_b"
     t2=$(now_ms)
     [[ $(db inspect -f '{{.State.Running}}' "$NAME") == true ]] || die "by hand: not running on B"
     jq -cn --arg case "$case" --argjson run "$run" --argjson bytes "$bytes" \

@@ -4,7 +4,8 @@
 Usage:
   loadgen.py --proto http|redis --port P [--path /x] [--conns N] [--rate R]
              [--duration S] [--interval 0.1] --out FILE.json
-             (--host ADDR | --migrun BIN --roots R1,R2 --id ID [--host 127.0.0.1])
+             (--host ADDR | --migrun BIN --roots R1,R2 --id ID [--host 127.0.0.1]
+              | --docker-hosts SOCK1,SOCK2 --docker-name NAME [--host 127.0.0.1])
 
 Why not wrk: wrk prints a summary at the end, not throughput over time, and
 it cannot follow a container whose network namespace changes when it moves
@@ -24,6 +25,10 @@ Where it connects:
                                follows it to the host it moved to. A failure
                                or a pause while it moves counts as downtime
                                seen by the client.
+  --docker-hosts --docker-name the same for a Docker container: NAME is
+                               looked up on each daemon (unix:///PATH.sock,
+                               the Engine API's inspect, as `docker inspect`:
+                               running, its pid), then as above.
 
 Protocols: http (GET --path over keep-alive HTTP/1.1, 2xx counts as success)
 and redis (SET key:N VALUE with --value-size bytes over RESP, +OK counts).
@@ -53,6 +58,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -67,6 +73,32 @@ def setns(path):
             raise OSError(e, f"setns {path}: {os.strerror(e)}")
     finally:
         os.close(fd)
+
+
+def docker_inspect(host, name, timeout=2.0):
+    """`docker inspect NAME` on the daemon at host (unix:///PATH.sock): the
+    container's JSON, or None if the daemon does not know it. Straight to the
+    Engine API: no docker process per lookup."""
+    path = host[len("unix://"):] if host.startswith("unix://") else host
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(path)
+        s.sendall(f"GET /containers/{urllib.parse.quote(name, safe='')}/json HTTP/1.0\r\n"
+                  "Host: docker\r\n\r\n".encode())
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        s.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    parts = head.split(None, 2)
+    if len(parts) < 2 or parts[1] != b"200":
+        return None
+    return json.loads(body)
 
 
 class Target:
@@ -108,9 +140,11 @@ class Target:
     def resolve(self):
         """Finds the running container; returns False if none is running."""
         a = self.args
-        if not a.id:
+        if not a.id and not a.docker_name:
             return True
         self.lookups += 1
+        if a.docker_name:
+            return self.resolve_docker()
         for root in a.roots.split(","):
             try:
                 out = subprocess.run([a.migrun, "--root", root, "state", a.id],
@@ -131,9 +165,27 @@ class Target:
         self.pid = self.netns = None
         return False
 
+    def resolve_docker(self):
+        """resolve() for a Docker container: each daemon of --docker-hosts."""
+        a = self.args
+        for host in a.docker_hosts.split(","):
+            try:
+                st = docker_inspect(host, a.docker_name)
+            except (OSError, ValueError):
+                continue
+            state = (st or {}).get("State") or {}
+            pid = state.get("Pid") or 0
+            if state.get("Running") and not state.get("Paused") and pid > 0 \
+                    and os.path.exists(f"/proc/{pid}/ns/net"):
+                self.pid = pid
+                self.netns = f"/proc/{pid}/ns/net"
+                return True
+        self.pid = self.netns = None
+        return False
+
     def socket(self):
         """A new TCP socket in the target's network namespace."""
-        if self.args.id:
+        if self.args.follow:
             if self.netns is None:
                 raise OSError("container not running")
             setns(self.netns)
@@ -234,7 +286,7 @@ async def worker(n, args, target, stats, stop, pace):
             await pace.get()
         if writer is None:
             try:
-                if args.id and target.netns is None and not target.resolve():
+                if args.follow and target.netns is None and not target.resolve():
                     # between two hosts: a client of a service address would
                     # see its SYN retried; here it waits (the stall counts it)
                     if retry_start is None:
@@ -344,13 +396,21 @@ async def main():
     ap.add_argument("--migrun")
     ap.add_argument("--roots", default="")
     ap.add_argument("--id")
+    ap.add_argument("--docker-hosts", default="", help="Docker daemons to look --docker-name up in (comma-separated)")
+    ap.add_argument("--docker-name", help="follow this Docker container (name or id)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--ready-file", help="written once the first answer arrived")
     args = ap.parse_args()
     if args.id and not (args.migrun and args.roots):
         ap.error("--id needs --migrun and --roots")
-    if not args.id and not args.host:
-        ap.error("give --host, or --migrun/--roots/--id")
+    if args.docker_name and not args.docker_hosts:
+        ap.error("--docker-name needs --docker-hosts")
+    if args.id and args.docker_name:
+        ap.error("give --id or --docker-name, not both")
+    if not args.id and not args.docker_name and not args.host:
+        ap.error("give --host, --migrun/--roots/--id or --docker-hosts/--docker-name")
+    # follow a container (its netns, looked up again when it moves)
+    args.follow = bool(args.id or args.docker_name)
 
     target = Target(args)
     stats = Stats(args.interval)
@@ -362,7 +422,7 @@ async def main():
     tasks = [asyncio.create_task(worker(i, args, target, stats, stop, pace)) for i in range(args.conns)]
     if pace is not None:
         tasks.append(asyncio.create_task(pacer(pace, args.rate, stop)))
-    if args.id:
+    if args.follow:
         tasks.append(asyncio.create_task(watcher(target, stop)))
     ready_written = False
     end = stats.m0 + args.duration if args.duration > 0 else None
@@ -387,7 +447,10 @@ async def main():
     out = {
         "proto": args.proto,
         "connects_via": (f"netns of container {args.id} (migrun state under {args.roots}), {target.host}:{args.port}"
-                         if args.id else f"{args.host}:{args.port} from the caller's netns"),
+                         if args.id else
+                         f"netns of Docker container {args.docker_name} (inspect on {args.docker_hosts}), "
+                         f"{target.host}:{args.port}"
+                         if args.docker_name else f"{args.host}:{args.port} from the caller's netns"),
         "conns": args.conns,
         "rate_limit": args.rate,
         "start_epoch": stats.t0,

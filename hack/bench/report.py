@@ -22,6 +22,8 @@ import sys
 
 WAYS = [("pre", "migrun pre-copy"), ("stop", "migrun stop-and-copy"), ("hand", "by hand (checkpoint, copy, restore)")]
 WAY_LABEL = dict(WAYS)
+DOCKER_WAYS = [("dmigrun", "migrun --docker-host (pre-copy)"),
+               ("dhand", "by hand (docker checkpoint create, copy, docker start --checkpoint)")]
 SCEN = {
     "idle": "idle (`sleep`)",
     "static": "static web (nginx, 300 files)",
@@ -106,7 +108,7 @@ def timeline_panel(r, label):
     t0 = r["t_start"] - c["start_epoch"]
     t1 = r["t_end"] - c["start_epoch"]
     down = (r["downtime_ms"] or 0) / 1000
-    freeze = t1 - down if r["way"] != "hand" else t0
+    freeze = t1 - down if r["way"] not in ("hand", "dhand") else t0
     marks = [{"t": round(t0, 3), "label": "migration starts"},
              {"t": round(freeze, 3), "label": "frozen"},
              {"t": round(t1, 3), "label": "running on " + r["direction"][-1]}]
@@ -136,6 +138,7 @@ def main():
     rel = os.path.relpath(res, os.path.dirname(os.path.abspath(a.docs)) if a.docs else res)
 
     summary = {"env": env, "groups": [], "failed": failed}
+    docker_ran = any(r["part"] == "docker" for r in runs) or any(l.startswith("docker-") for l in failed)
     md = []
     charts = []
     mib = lambda s: fmt(s, 1 / 1048576, 1)
@@ -314,6 +317,95 @@ def main():
                            "x_label": "link rate (Mbit/s, log scale)", "y_label": "ms", "series": series})
             md.append(f"![{title} vs link rate](img/{fn})\n")
 
+    # ------------------------------------------------------------ docker
+    dks = [r for r in runs if r["part"] == "docker"]
+    dfailed = [l for l in failed if l.startswith("docker-")]
+    if dks or dfailed:
+        g = group(dks, lambda r: (r["scenario"], r["way"]))
+        scen = [s for s in SCEN if any(k[0] == s for k in g) or any(l.startswith(f"docker-{s}-") for l in dfailed)]
+        rows = []
+        for s in scen:
+            for w, wl in DOCKER_WAYS:
+                rs = g.get((s, w), [])
+                fl = [l for l in dfailed if l.startswith(f"docker-{s}-{w}-")]
+                if not rs:
+                    if fl:
+                        why = fl[0].split(": ", 1)[-1]
+                        rows.append([SCEN[s], wl, 0, "failed", "", "", "", "", f"{len(fl)} failed: {why[:400]}"])
+                    continue
+                f = figures(rs)
+                summary["groups"].append({"part": "docker", "scenario": s, "way": w, **f})
+                c = f["client"]
+                stopped = sum(1 for r in rs if (r.get("stats") or {}).get("client_stopped"))
+                note = []
+                if stopped:
+                    note.append(f"{stopped}/{len(rs)} redone with the client stopped (its established TCP "
+                                "connections refused)")
+                na = [(r.get("stats") or {}).get("netns_after") for r in rs]
+                na = [x for x in na if x]
+                if na:
+                    foreign = sum(1 for x in na if not x.get("docker_netns"))
+                    lo = sum(1 for x in na if x.get("lo_was_down"))
+                    if foreign:
+                        note.append(f"network namespace on the target not the daemon's in {foreign}/{len(na)} "
+                                    f"(IPv4 there: {na[0].get('ipv4') or 'none'})")
+                    if lo:
+                        note.append(f"loopback down on the target in {lo}/{len(na)}, brought up by the suite")
+                if fl:
+                    note.append(f"{len(fl)} failed: {fl[0].split(': ', 1)[-1][:400]}")
+                if w == "dmigrun":
+                    ls = summ([(r.get("stats") or {}).get("layers_sent") for r in rs])
+                    lt = summ([(r.get("stats") or {}).get("layers_total") for r in rs])
+                    if ls and lt:
+                        note.append(f"layers sent: {fmt(ls)} of {fmt(lt)}")
+                rows.append([SCEN[s], wl, f["n"], fmt(f["total_ms"]), fmt(f["downtime_ms"]), mib(f["link_bytes"]),
+                             fmt(c["requests_failed"]) if c else "no client",
+                             fmt(c["longest_stall_ms"]) if c else "", "; ".join(note)])
+        md.append("## Docker to Docker\n")
+        md.append(f"Each scenario run under Docker (`docker run --runtime=migrun`) on daemon A and moved between "
+                  f"the project's two dockerds on this host (A: `make docker-up`, B: `make docker-up-b`), the "
+                  f"transfer over the test bed's link ({env['rate']}, between mr-host-a and mr-host-b). "
+                  "Median (min-max) of the runs; the container goes A->B, B->A, ... and the order of the two ways "
+                  "rotates from run to run. *migrun --docker-host*: `migrate-out --docker-host` on the source, "
+                  "`migrate-in --docker-host` on the target, pre-copy (Docker's seccomp profile forbids "
+                  "`userfaultfd`, so dirty pages are tracked by page hashing); *downtime* is migrun's own figure. "
+                  "*By hand*: `docker checkpoint create --checkpoint-dir` on the source, the checkpoint through the "
+                  "link with `tar | socat`, `docker create` of the same image, command and config on the target and "
+                  "`docker start --checkpoint` (the checkpoint moved into the container's checkpoint directory: "
+                  "Docker 20.10 refuses `start --checkpoint-dir`); its downtime is from `checkpoint create` to "
+                  "`start` returning. **The image is present on both daemons** before the runs (imported into A "
+                  "from the scenario's root filesystem, `docker save | docker load` into B: the same image id, as "
+                  "after a registry pull), so neither way moves the image: migrun sends no layer, the by-hand route "
+                  "only the checkpoint. **Docker containers get a fresh network on the target**: the target daemon "
+                  "makes a new network namespace (its own bridge and address), so the client's connections into "
+                  "the old namespace end with the move and are made again in the new one (what the restored "
+                  "processes actually run in is checked after each move, see below and *notes*). Docker's `checkpoint create` passes no "
+                  "`--tcp-established`, and a restore through the target daemon cannot take established "
+                  "connections either: a migration refused for the client's established connections is done "
+                  "again with the client stopped, and then has no client figures (see *notes*). After each move "
+                  "the suite looks at the container's network namespace on the target: whether it is the one the "
+                  "daemon made (`SandboxKey`), its IPv4 addresses, and whether its loopback is up (if not, the "
+                  "suite brings it up so that the scenario's server and the client can go on; the client's stall "
+                  "then includes that).\n")
+        md.append(table(["scenario", "way", "n", "total (ms)", "downtime (ms)", "MiB on the link", "failed requests",
+                         "longest stall (ms)", "notes"], rows))
+        md.append("")
+        dscen = [s for s in scen if any(k[0] == s for k in g)]
+        if dscen:
+            series = []
+            for w, wl in DOCKER_WAYS:
+                vals = []
+                for s in dscen:
+                    v = summ([r["downtime_ms"] for r in g.get((s, w), [])])
+                    vals.append(v and {"med": v["med"], "min": v["min"], "max": v["max"]})
+                if any(vals):
+                    series.append({"name": wl, "values": vals})
+            charts.append({"kind": "bars", "file": "bench-docker-downtime.png",
+                           "title": f"Docker to Docker: downtime (ms) by scenario and way (link {env['rate']}, "
+                                    "median, min-max)",
+                           "y_label": "ms", "groups": dscen, "series": series})
+            md.append("![Docker to Docker downtime](img/bench-docker-downtime.png)\n")
+
     # ------------------------------------------------------------ targets
     checks = []
 
@@ -382,9 +474,10 @@ def main():
                 "layer of an overlay root filesystem; before the measured runs a `sleep` container on the same "
                 "image goes A->B->A once, so that both hosts hold the layer (as after a `docker pull`). UnixBench "
                 "is not packaged in Debian: sysbench and stress-ng stand in for it. The by-hand route stands in for "
-                "Docker's `docker checkpoint create` / copy / `docker start --checkpoint` (that needs a dockerd per "
-                "host, issue 6): `migrun checkpoint --tcp-established`, `tar | socat` of the image dir, the overlay's "
-                "upper dir and config.json over the test-bed link, `migrun restore` on the other host.\n")
+                "Docker's `docker checkpoint create` / copy / `docker start --checkpoint` for containers run by "
+                "migrun: `migrun checkpoint --tcp-established`, `tar | socat` of the image dir, the overlay's "
+                "upper dir and config.json over the test-bed link, `migrun restore` on the other host"
+                + ("; Docker's own route is measured in *Docker to Docker* below.\n" if docker_ran else ".\n"))
     tail = ["## Known limits\n"]
     tail.append("- The client reaches the service over the loopback of the container's own network namespace "
                 "(entered with setns from the host; the container's pid is looked up again after it moves), "
@@ -396,8 +489,20 @@ def main():
                 "listening socket's accept queue (`inet: In-flight connection`), for migrate-out and checkpoint "
                 "alike; migrun does not pass CRIU's `--skip-in-flight`. The dynamic-web scenario therefore uses "
                 "a keep-alive app server.\n"
-                "- Docker's own route (`docker checkpoint create`, copy, `docker start --checkpoint`) is not run: "
-                "it needs a dockerd per host; the by-hand route runs the same steps with migrun's CLI.\n")
+                + ("- Docker's two daemons run on one host (their transfers go through the test bed's link); the "
+                   "Docker containers' client runs in their network namespace as above, found through each "
+                   "daemon's inspect (Engine API).\n" if docker_ran else
+                   "- Docker's own route (`docker checkpoint create`, copy, `docker start --checkpoint`) is not run "
+                   "here (the suite's part `docker`, which needs `make docker-up docker-up-b`); the by-hand route "
+                   "runs the same steps with migrun's CLI.\n"))
+    foreign = [r for r in runs if r["part"] == "docker"
+               and ((r.get("stats") or {}).get("netns_after") or {}).get("docker_netns") is False]
+    if foreign:
+        tail.append(f"- In {len(foreign)} of {sum(1 for r in runs if r['part'] == 'docker')} Docker moves the "
+                    "restored processes did not run in the network namespace the target daemon made for the "
+                    "container (`docker inspect`'s `SandboxKey`): it had no address from the daemon's bridge "
+                    "(see *notes*), so the container was reachable only on its loopback, which is what the client "
+                    "uses here.\n")
     tail.append("## Targets (issue 7)\n")
     tail.append("\n".join(f"- {v}: {t}" for v, t in checks) if checks else "- no figures for the targets in this run")
     tail.append("")

@@ -2,7 +2,7 @@
 # Usage: hack/bench/suite.sh [--quick]      (make bench / make bench-quick)
 # The live-migration benchmark suite, on the test bed (hack/testbed.sh:
 # hosts mr-host-a 10.77.0.1 and mr-host-b 10.77.0.2 as network namespaces,
-# links shaped with tbf). Three parts:
+# links shaped with tbf). Four parts:
 #   ways    every scenario migrated three ways, BENCH_RUNS times each, at
 #           BENCH_RATE: migrun pre-copy, migrun --no-precopy (stop-and-copy),
 #           and by hand (`migrun checkpoint`, image dir + upper dir +
@@ -13,6 +13,24 @@
 #           at each of BENCH_DIRTY_RATES MiB/s, pre-copy and stop-and-copy
 #   link    the dirtier (BENCH_LINK_MIB MiB at BENCH_LINK_DIRTY MiB/s) at each
 #           of BENCH_LINKS, pre-copy and stop-and-copy
+#   docker  every scenario run under Docker (--runtime=migrun) and moved
+#           between the project's two dockerds (A: make docker-up, B: make
+#           docker-up-b; the transfer on the test bed, mr-host-a/mr-host-b)
+#           two ways, BENCH_RUNS times each, at BENCH_RATE: dmigrun
+#           (migrate-out/migrate-in --docker-host, pre-copy) and dhand
+#           (docker checkpoint create on one daemon, the checkpoint through
+#           the link with tar | socat, docker create + docker start
+#           --checkpoint on the other). Each image is imported into A
+#           (docker import of the rootfs, tag = its recipe id) and loaded
+#           into B (docker save | docker load: the same image id), so both
+#           daemons hold it before the runs, as after a registry pull.
+#           Docker's checkpoint create has no --tcp-established, and a
+#           restore through a daemon takes no established connection: a
+#           migration refused for the client's established connections is
+#           done again with the client stopped (noted in its JSON and the
+#           report). After each move the container's network namespace on
+#           the target is recorded (the daemon's own? addresses? loopback
+#           up? a loopback left down is brought up for the client)
 # Scenarios (images from hack/bench/images.sh, overlay root filesystems):
 #   idle     busybox `sleep`
 #   static   nginx serving 300 files of 1-64 KiB
@@ -25,18 +43,20 @@
 #            redis-benchmark, under a SET load of BENCH_REDIS_SETS/s (1 KiB)
 #   mem      the dirtier, BENCH_DIRTY_MIB MiB at BENCH_MEM_DIRTY MiB/s
 # The client (hack/bench/loadgen.py) runs from the root namespace inside the
-# container's network namespace (re-resolved with `migrun state` when the
-# container moves; failures and stalls count as downtime seen by the
-# client), or, with BENCH_SERVICE_ADDR=IP set, in mr-client against IP.
+# container's network namespace (re-resolved with `migrun state`, or for
+# Docker containers the daemons' Engine API, when the container moves;
+# failures and stalls count as downtime seen by the client), or, with BENCH_SERVICE_ADDR=IP set, in mr-client against IP.
 # Every migration writes RESULTS/runs/PART-SCENARIO-WAY-RUN.json; at the end
 # hack/bench/report.py writes RESULTS/summary.json, the charts (benchplot)
 # and docs/benchmarks.md.
 # Environment (defaults; --quick in brackets):
 #   BENCH_OUT            results dir (bench/results/DATE/suite [suite-quick])
 #   BENCH_RUNS           runs per figure, 3 [1]
-#   BENCH_PARTS          "ways dirty link"
+#   BENCH_PARTS          "ways dirty link docker"
 #   BENCH_SCENARIOS      "idle static dynamic cpu redis mem"
 #   BENCH_WAYS           "pre stop hand"
+#   BENCH_DOCKER_WAYS    "dmigrun dhand"
+#   BENCH_DOCKER_SCENARIOS  the scenarios of part docker (BENCH_SCENARIOS)
 #   BENCH_RATE           link rate of the ways and dirty parts, 1gbit
 #   BENCH_DIRTY_MIB      1024 [256];  BENCH_DIRTY_RATES "0 16 64 256"
 #   BENCH_MEM_DIRTY      64
@@ -51,11 +71,13 @@
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=../lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
+# shellcheck source-path=SCRIPTDIR source=docker-lib.sh
+. "$HACK_DIR/bench/docker-lib.sh"
 
 QUICK=0
 case ${1:-} in
     --quick) QUICK=1 ;;
-    -h|--help) sed -n '2,47s/^# \{0,1\}//p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,70s/^# \{0,1\}//p' "$0"; exit 0 ;;
     "") ;;
     *) die "unknown argument '$1' (see --help)" ;;
 esac
@@ -64,9 +86,11 @@ q() { if ((QUICK)); then echo "$2"; else echo "$1"; fi; }
 DATE=$(date +%F)
 OUT=${BENCH_OUT:-$REPO_ROOT/bench/results/$DATE/$(q suite suite-quick)}
 RUNS=${BENCH_RUNS:-$(q 3 1)}
-read -r -a PARTS <<<"${BENCH_PARTS:-ways dirty link}"
+read -r -a PARTS <<<"${BENCH_PARTS:-ways dirty link docker}"
 read -r -a SCENARIOS <<<"${BENCH_SCENARIOS:-idle static dynamic cpu redis mem}"
 read -r -a WAYS <<<"${BENCH_WAYS:-pre stop hand}"
+read -r -a DOCKER_WAYS <<<"${BENCH_DOCKER_WAYS:-dmigrun dhand}"
+read -r -a DOCKER_SCENARIOS <<<"${BENCH_DOCKER_SCENARIOS:-${SCENARIOS[*]}}"
 RATE=${BENCH_RATE:-1gbit}
 DIRTY_MIB=${BENCH_DIRTY_MIB:-$(q 1024 256)}
 read -r -a DIRTY_RATES <<<"${BENCH_DIRTY_RATES:-0 16 64 256}"
@@ -84,6 +108,7 @@ WRITE_DOCS=${BENCH_DOCS:-1}
 PORT=7272
 COPY_PORT=7300
 COPY_N=0
+LINK_B0=0       # link_bytes before the migration being measured
 PRE_S=1.5       # client baseline before a migration
 POST_S=2        # client after it
 export PATH="/usr/local/sbin:/usr/local/bin:$PATH"
@@ -96,6 +121,10 @@ require_root
 need_cmd jq nsenter timeout ss python3 socat tar mount umount redis-benchmark redis-cli
 [[ -x $MIGRUN_BIN ]] || die "migrun binary $MIGRUN_BIN not found (make build)"
 command -v criu >/dev/null || die "criu not found (hack/install-deps.sh)"
+if [[ " ${PARTS[*]} " == *" docker "* ]]; then
+    need_cmd docker ctr
+    docker_require_ab
+fi
 
 TESTBED="$HACK_DIR/testbed.sh"
 eval "$(bash "$TESTBED" env)"
@@ -113,6 +142,14 @@ done
 WORK=""
 IN_PID=""
 CLIENT_PID=""
+RX_PID=""
+# part docker: containers run by the daemons instead of `migrun run`
+DOCKER_MODE=0
+declare -A DH=([a]=$DOCKER_A [b]=$DOCKER_B)
+DOCKER_LABEL=migrun-bench-suite
+DOCKER_NAMES=()     # the containers this run made (removed from both daemons on exit)
+D_IMAGE_REF=""      # the scenario's image in both daemons
+D_RUN=()            # `docker create` arguments of the scenario's container (dhand makes it again)
 failures=0
 mr() { "$MIGRUN_BIN" "$@"; }
 tail_of() { [[ -s $1 ]] && tail -n 4 "$1" | tr '\n' ' ' | sed 's/ *$//'; }
@@ -171,12 +208,37 @@ stop_bg() {
     wait "$pid" 2>/dev/null || true
 }
 
+# docker_remove NAME: the container NAME, if this run made it (our label),
+# removed from both daemons; a container of that name that is not ours is
+# left alone.
+docker_remove() {
+    local name=$1 h
+    for h in "${DH[a]}" "${DH[b]}"; do
+        [[ $(dk "$h" inspect -f "{{index .Config.Labels \"$DOCKER_LABEL\"}}" "$name" 2>/dev/null) == 1 ]] || continue
+        timeout 60 docker -H "$h" rm -f "$name" >/dev/null 2>&1 || warn "docker -H $h rm -f $name failed"
+    done
+}
+
+# docker_cleanup: every container this run made, on both daemons; then
+# containerd's garbage collector drops the checkpoint tarballs that docker
+# checkpoint create left in the content stores (dhand's checkpoint
+# directories are under WORK).
+docker_cleanup() {
+    ((${#DOCKER_NAMES[@]})) || return 0
+    local n
+    for n in "${DOCKER_NAMES[@]}"; do docker_remove "$n"; done
+    docker_gc "${DH[a]}" 2>/dev/null || true
+    docker_gc "${DH[b]}" 2>/dev/null || true
+}
+
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM
     set +e
     stop_bg "$IN_PID"
     stop_bg "$CLIENT_PID"
+    [[ -z $RX_PID ]] || { kill -TERM -- "-$RX_PID" 2>/dev/null; wait "$RX_PID" 2>/dev/null; }
+    docker_cleanup
     delete_all "${ROOT[a]}"
     delete_all "${ROOT[b]}"
     [[ -z $WORK ]] || unmount_under "$WORK"
@@ -251,15 +313,25 @@ release_bundle() {
     rm -rf --one-file-system "$dir" 2>/dev/null || true
 }
 
-cpid() { mr --root "${ROOT[$LOC]}" state "$1" 2>/dev/null | jq -r .pid; }
+cpid() {
+    if ((DOCKER_MODE)); then dk "${DH[$LOC]}" inspect -f '{{.State.Pid}}' "$1" 2>/dev/null; return; fi
+    mr --root "${ROOT[$LOC]}" state "$1" 2>/dev/null | jq -r .pid
+}
+# ct_status ID: running, stopped, ... (migrun's state, or Docker's)
+ct_status() {
+    if ((DOCKER_MODE)); then dk "${DH[$LOC]}" inspect -f '{{.State.Status}}' "$1" 2>/dev/null; return; fi
+    mr --root "${ROOT[$LOC]}" state "$1" 2>/dev/null | jq -r .status
+}
 in_ct() { local id=$1; shift; nsenter --net="/proc/$(cpid "$id")/ns/net" -- "$@"; }
 
-# start_migrate_in SIDE LOG: migrate-in --once on SIDE, back when it listens.
+# start_migrate_in SIDE LOG [OPTION...]: migrate-in --once on SIDE, back
+# when it listens.
 start_migrate_in() {
     local side=$1 logf=$2 ns=${NS[$1]} addr=${ADDR[$1]}
+    shift 2
     timeout -k 10 $((MIGRATE_TIMEOUT + 60)) nsenter --net="/run/netns/$ns" -- \
         "$MIGRUN_BIN" --root "${ROOT[$side]}" migrate-in --listen "$addr:$PORT" \
-        --key "$WORK/bench.key" --once --work-dir "${INDIR[$side]}" >"$logf" 2>&1 &
+        --key "$WORK/bench.key" --once --work-dir "${INDIR[$side]}" "$@" >"$logf" 2>&1 &
     IN_PID=$!
     local deadline=$((SECONDS + 15))
     until grep -q "listening on $addr:$PORT" "$logf" 2>/dev/null; do
@@ -284,7 +356,11 @@ start_client() {
         a+=(--host "$SERVICE_ADDR")
         nsenter --net="/run/netns/$TESTBED_NS_CLIENT" -- python3 "$LOADGEN" "${a[@]}" --out "$f" --ready-file "$f.ready" 2>"$f.log" &
     else
-        a+=(--host 127.0.0.1 --migrun "$MIGRUN_BIN" --roots "${ROOT[a]},${ROOT[b]}" --id "$id")
+        if ((DOCKER_MODE)); then
+            a+=(--host 127.0.0.1 --docker-hosts "${DH[a]},${DH[b]}" --docker-name "$id")
+        else
+            a+=(--host 127.0.0.1 --migrun "$MIGRUN_BIN" --roots "${ROOT[a]},${ROOT[b]}" --id "$id")
+        fi
         python3 "$LOADGEN" "${a[@]}" --out "$f" --ready-file "$f.ready" 2>"$f.log" &
     fi
     CLIENT_PID=$!
@@ -300,8 +376,12 @@ stop_client() {
 # ------------------------------------------------------------- scenarios
 # start_scenario SCENARIO ID [MIB RATE]: the container on host A, ready.
 REDIS_KEYS=1000
-start_scenario() {
-    local s=$1 id=$2 mib=${3:-} drate=${4:-} image args=()
+# scenario_cmd SCENARIO MIB RATE: SC_IMAGE and SC_ARGS, the scenario's
+# image and command.
+SC_IMAGE=""
+SC_ARGS=()
+scenario_cmd() {
+    local s=$1 mib=$2 drate=$3 image args=()
     case $s in
         idle) image=busybox; args=(sleep 1000000) ;;
         static) image=nginx; args=(nginx -c /etc/nginx/bench.conf) ;;
@@ -314,13 +394,24 @@ start_scenario() {
             args=(/dirtier "$mib" "$drate") ;;
         *) echo "unknown scenario $s"; return 1 ;;
     esac
+    SC_IMAGE=$image
+    SC_ARGS=("${args[@]}")
+}
+
+start_scenario() {
+    local s=$1 id=$2 mib=${3:-} drate=${4:-}
+    scenario_cmd "$s" "$mib" "$drate" || return 1
     LOC=a
-    BUNDLE=$WORK/bundles/$id
-    make_bundle "$BUNDLE" "$image" "${args[@]}" || return 1
-    timeout 30 "$MIGRUN_BIN" --root "${ROOT[a]}" --log "$OUT/logs/$id.run.log" run -d -b "$BUNDLE" "$id" </dev/null >/dev/null 2>&1 \
-        || { echo "migrun run failed: $(tail_of "$OUT/logs/$id.run.log")"; return 1; }
-    # the loopback of the container's netns (nginx and redis listen on it)
-    in_ct "$id" ip link set lo up 2>/dev/null || true
+    if ((DOCKER_MODE)); then
+        docker_run_scenario "$id" || return 1
+    else
+        BUNDLE=$WORK/bundles/$id
+        make_bundle "$BUNDLE" "$SC_IMAGE" "${SC_ARGS[@]}" || return 1
+        timeout 30 "$MIGRUN_BIN" --root "${ROOT[a]}" --log "$OUT/logs/$id.run.log" run -d -b "$BUNDLE" "$id" </dev/null >/dev/null 2>&1 \
+            || { echo "migrun run failed: $(tail_of "$OUT/logs/$id.run.log")"; return 1; }
+        # the loopback of the container's netns (nginx and redis listen on it)
+        in_ct "$id" ip link set lo up 2>/dev/null || true
+    fi
     case $s in
         static|dynamic|cgi) wait_until 20 in_ct "$id" busybox wget -q -O /dev/null "http://127.0.0.1:8080/" \
             || { echo "the web server does not answer"; return 1; } ;;
@@ -336,7 +427,13 @@ start_scenario() {
                 || { echo "redis-benchmark failed: $(tail_of "$WORK/fill.log")"; return 1; }
             in_ct "$id" redis-cli -p 6379 debug populate "$REDIS_KEYS" key 1000 >/dev/null
             log "redis: $(in_ct "$id" redis-cli -p 6379 info memory | tr -d '\r' | awk -F: '/^used_memory_human/ {print $2}') used, $(in_ct "$id" redis-cli -p 6379 dbsize | tr -d '\r') keys" ;;
-        mem|dirtier*) wait_until 300 test -e "$BUNDLE/rootfs/ready" || { echo "the dirtier is not ready"; return 1; } ;;
+        mem|dirtier*)
+            if ((DOCKER_MODE)); then
+                wait_until 300 bash -c "test -e /proc/\$(docker -H ${DH[a]} inspect -f '{{.State.Pid}}' $id)/root/ready" \
+                    || { echo "the dirtier is not ready"; return 1; }
+            else
+                wait_until 300 test -e "$BUNDLE/rootfs/ready" || { echo "the dirtier is not ready"; return 1; }
+            fi ;;
         *) sleep 1 ;;
     esac
 }
@@ -344,8 +441,160 @@ start_scenario() {
 scenario_note() {
     case $1 in
         redis) in_ct "$2" redis-cli -p 6379 info memory | tr -d '\r' | awk -F: '/^used_memory:/ {print "used_memory=" $2}' ;;
-        cpu) mr --root "${ROOT[$LOC]}" exec "$2" tail -n 40 /tmp/sysbench.log 2>/dev/null | grep -o 'eps: [0-9.]*' | awk '{print $2}' | tr '\n' ' ' ;;
+        cpu)
+            if ((DOCKER_MODE)); then dk "${DH[$LOC]}" exec "$2" tail -n 40 /tmp/sysbench.log 2>/dev/null
+            else mr --root "${ROOT[$LOC]}" exec "$2" tail -n 40 /tmp/sysbench.log 2>/dev/null
+            fi | grep -o 'eps: [0-9.]*' | awk '{print $2}' | tr '\n' ' ' ;;
     esac
+}
+
+# ------------------------------------------------------------- Docker
+# docker_image IMAGE: IMAGE's rootfs (hack/bench/images.sh) imported into
+# daemon A as migrun-bench/IMAGE:RECIPE (RECIPE: images.sh's recipe id, so
+# the tag changes when the rootfs does; kept for the next run) and loaded
+# into B from A (docker save | docker load: the same image id, as a pull
+# from a registry gives, so that dmigrun sends no layer); older tags of
+# migrun-bench/IMAGE are removed from both. Sets D_IMAGE_REF.
+docker_image() {
+    local image=$1 ref h old
+    [[ -s $IMAGES/$image/recipe ]] || { warn "no image $image in $IMAGES"; return 1; }
+    ref="migrun-bench/$image:$(cat "$IMAGES/$image/recipe")"
+    if ! da image inspect "$ref" >/dev/null 2>&1; then
+        log "docker: importing $IMAGES/$image/rootfs into A as $ref"
+        tar -C "$IMAGES/$image/rootfs" -c . | da import - "$ref" >/dev/null || { warn "docker import of $image failed"; return 1; }
+    fi
+    if [[ $(db image inspect -f '{{.Id}}' "$ref" 2>/dev/null) != "$(da image inspect -f '{{.Id}}' "$ref")" ]]; then
+        log "docker: loading $ref into B (docker save | docker load)"
+        docker_share_image "${DH[a]}" "${DH[b]}" "$ref" || { warn "docker save | load of $ref failed"; return 1; }
+    fi
+    for h in "${DH[a]}" "${DH[b]}"; do
+        for old in $(dk "$h" images --format '{{.Repository}}:{{.Tag}}' "migrun-bench/$image"); do
+            [[ $old == "$ref" ]] || dk "$h" rmi "$old" >/dev/null 2>&1 || true
+        done
+    done
+    D_IMAGE_REF=$ref
+}
+
+# docker_run_scenario ID: the container ID (SC_IMAGE's D_IMAGE_REF running
+# SC_ARGS, --runtime=migrun, our label) on daemon A. A container of that
+# name that is not the suite's is left alone (and the scenario fails).
+docker_run_scenario() {
+    local id=$1 h
+    for h in "${DH[a]}" "${DH[b]}"; do
+        dk "$h" inspect "$id" >/dev/null 2>&1 || continue
+        if [[ $(dk "$h" inspect -f "{{index .Config.Labels \"$DOCKER_LABEL\"}}" "$id" 2>/dev/null) == 1 ]]; then
+            timeout 60 docker -H "$h" rm -f "$id" >/dev/null 2>&1   # left by an earlier run
+        else
+            echo "a container named $id that the suite did not make exists in $h: left alone"; return 1
+        fi
+    done
+    D_RUN=(--runtime=migrun --label "$DOCKER_LABEL=1" "$D_IMAGE_REF" "${SC_ARGS[@]}")
+    [[ " ${DOCKER_NAMES[*]} " == *" $id "* ]] || DOCKER_NAMES+=("$id")
+    timeout 60 docker -H "${DH[a]}" run -d --name "$id" "${D_RUN[@]}" </dev/null >/dev/null 2>"$OUT/logs/$id.run.log" \
+        || { echo "docker run failed: $(tail_of "$OUT/logs/$id.run.log")"; return 1; }
+}
+
+# docker_netns_after ID SIDE: the moved container's network namespace on
+# SIDE, as JSON into WORK/stats.json (netns_after): whether it is the
+# daemon's own (inode of docker inspect's SandboxKey), its IPv4 addresses,
+# and whether its loopback was down. A loopback left down is brought up:
+# the scenario's server and its client use 127.0.0.1 (a container moved by
+# migrate-in --docker-host was seen restored into a new, empty namespace).
+docker_netns_after() {
+    local id=$1 side=$2 pid sbox own=false lo_down=false addrs
+    pid="$(dk "${DH[$side]}" inspect -f '{{.State.Pid}}' "$id" 2>/dev/null)" || return 0
+    [[ $pid =~ ^[1-9][0-9]*$ && -e /proc/$pid/ns/net ]] || return 0
+    sbox="$(dk "${DH[$side]}" inspect -f '{{.NetworkSettings.SandboxKey}}' "$id" 2>/dev/null)" || sbox=""
+    if [[ -n $sbox && -e $sbox && $(stat -L -c %i "$sbox") == "$(stat -L -c %i "/proc/$pid/ns/net")" ]]; then own=true; fi
+    addrs="$(nsenter --net="/proc/$pid/ns/net" -- ip -o -4 addr show | awk '{printf "%s%s=%s", sep, $2, $4; sep=" "}')"
+    if ! nsenter --net="/proc/$pid/ns/net" -- ip -o link show lo | grep -q '[<,]UP[,>]'; then
+        lo_down=true
+        nsenter --net="/proc/$pid/ns/net" -- ip link set lo up || true
+    fi
+    jq --argjson own "$own" --argjson lo "$lo_down" --arg addrs "$addrs" \
+        '. + {netns_after: {docker_netns: $own, ipv4: $addrs, lo_was_down: $lo}}' "$WORK/stats.json" >"$WORK/stats.json.new" \
+        && mv "$WORK/stats.json.new" "$WORK/stats.json"
+}
+
+kill_rx() {
+    [[ -n $RX_PID ]] || return 0
+    kill -TERM -- "-$RX_PID" 2>/dev/null
+    wait "$RX_PID" 2>/dev/null
+    RX_PID=""
+}
+
+# docker_by_hand ID TAG SRC DST: Docker's own route, by hand: docker
+# checkpoint create on SRC (into a checkpoint dir of ours), the checkpoint
+# through the link (tar | socat from mr-host-SRC to mr-host-DST), docker
+# create of the same image, command and config on DST, and docker start
+# --checkpoint there. Downtime: from checkpoint create to start returning.
+# Docker passes no --tcp-established: when CRIU refuses the client's
+# established connections, the client is stopped (its figures dropped) and
+# the checkpoint made again; stats.json says so (client_stopped).
+docker_by_hand() {
+    local id=$1 tag=$2 src=$3 dst=$4 logs=$OUT/logs ck=$WORK/dck-$2 rd=$WORK/drx-$2 stopped="" pre="" droot cid
+    rm -rf "$ck" "$rd"
+    mkdir -p "$ck" "$rd"
+    droot="$(dk "${DH[$dst]}" info -f '{{.DockerRootDir}}')" || { echo "docker info on ${dst^^} failed"; return 1; }
+    # the target's content store: garbage collected first (moby#42900)
+    docker_gc "${DH[$dst]}" 2>"$logs/$tag.gc.log" || warn "$tag: containerd GC on ${dst^^} failed: $(tail_of "$logs/$tag.gc.log")"
+    COPY_N=$((COPY_N + 1))
+    local cport=$((COPY_PORT + COPY_N % 100))
+    # the receiver in a process group of its own (killed as a whole on failure)
+    setsid bash -c '. "$1"; link_receive "$2" "$3" "$4" | tar -x -C "$5"' _ "$DOCKER_LIB" \
+        "${NS[$dst]}" "${ADDR[$dst]}" "$cport" "$rd" 2>"$logs/$tag.socat.log" &
+    RX_PID=$!
+    wait_until 5 bash -c "nsenter --net=/run/netns/${NS[$dst]} -- ss -Hltn 'sport = :$cport' | grep -q ." \
+        || { kill_rx; echo "socat does not listen"; return 1; }
+    M_T0=$(now)
+    if ! timeout "$MIGRATE_TIMEOUT" docker -H "${DH[$src]}" checkpoint create --checkpoint-dir "$ck" "$id" cp \
+        </dev/null >"$logs/$tag.checkpoint.log" 2>&1; then
+        if [[ -n $CLIENT_PID ]] && grep -q 'Connected TCP socket' "$logs/$tag.checkpoint.log" \
+            && [[ $(ct_status "$id") == running ]]; then
+            stopped="docker checkpoint create refused the client's established TCP connections (CRIU: Connected TCP socket; Docker passes no --tcp-established): client stopped, checkpoint made again"
+            pre="client stopped (checkpoint create refused its established TCP connections), then "
+            stop_client
+            rm -f "$WORK/client.json"
+            sleep 1
+            rm -rf "${ck:?}"/*
+            LINK_B0=$(link_bytes)
+            M_T0=$(now)
+            timeout "$MIGRATE_TIMEOUT" docker -H "${DH[$src]}" checkpoint create --checkpoint-dir "$ck" "$id" cp \
+                </dev/null >>"$logs/$tag.checkpoint.log" 2>&1 \
+                || { kill_rx; echo "${pre}docker checkpoint create failed: $(tail_of "$logs/$tag.checkpoint.log")"; return 1; }
+        else
+            kill_rx
+            echo "docker checkpoint create failed: $(tail_of "$logs/$tag.checkpoint.log")"
+            return 1
+        fi
+    fi
+    M_CK=$(now)
+    tar -c -C "$ck" cp 2>>"$logs/$tag.socat.log" | link_send "${NS[$src]}" "${ADDR[$dst]}" "$cport" 2>>"$logs/$tag.socat.log" \
+        || { kill_rx; echo "${pre}copy failed: $(tail_of "$logs/$tag.socat.log")"; return 1; }
+    wait "$RX_PID" || { RX_PID=""; echo "${pre}receiving failed: $(tail_of "$logs/$tag.socat.log")"; return 1; }
+    RX_PID=""
+    M_CP=$(now)
+    cid="$(timeout 60 docker -H "${DH[$dst]}" create --name "$id" "${D_RUN[@]}" </dev/null 2>"$logs/$tag.create.log")" \
+        || { echo "${pre}docker create on ${dst^^} failed: $(tail_of "$logs/$tag.create.log")"; return 1; }
+    M_CR=$(now)
+    docker_start_from_checkpoint "${DH[$dst]}" "$cid" "$rd" cp "$droot" </dev/null >/dev/null 2>"$logs/$tag.start.log" \
+        || { echo "${pre}docker start --checkpoint on ${dst^^} failed: $(tail_of "$logs/$tag.start.log")"; return 1; }
+    M_T1=$(now)
+    local ck_bytes
+    ck_bytes=$(du -sb "$ck" | cut -f1)
+    timeout 60 docker -H "${DH[$src]}" rm -f "$id" >/dev/null 2>&1 || warn "$tag: docker rm of $id on ${src^^} failed"
+    rm -rf "$ck" "$rd"
+    python3 - "$M_T0" "$M_CK" "$M_CP" "$M_CR" "$M_T1" "$ck_bytes" "$stopped" >"$WORK/stats.json" <<'PY'
+import json, sys
+t0, ck, cp, cr, t1 = map(float, sys.argv[1:6])
+ms = lambda a: round((a - t0) * 1000, 3)
+print(json.dumps({"precopy": False, "total_ms": ms(t1), "downtime_ms": ms(t1), "precopy_rounds": 0,
+                  "checkpoint_bytes": int(sys.argv[6]), "client_stopped": sys.argv[7] or None,
+                  "downtime_phases": [{"name": "checkpointed (docker checkpoint create)", "at_ms": ms(ck)},
+                                      {"name": "copied (tar | socat)", "at_ms": ms(cp)},
+                                      {"name": "created (docker create)", "at_ms": ms(cr)},
+                                      {"name": "restored (docker start --checkpoint)", "at_ms": ms(t1)}]}))
+PY
 }
 
 # ------------------------------------------------------------- migrations
@@ -358,30 +607,59 @@ migrate() {
     rm -f "$stats"
     M_T0=$(now)
     case $way in
-        pre|stop)
-            start_migrate_in "$dst" "$logs/$tag.in.log" >"$WORK/msg" || { cat "$WORK/msg"; return 1; }
-            local opt=()
-            [[ $way == pre ]] || opt=(--no-precopy)
-            M_T0=$(now)
-            timeout -k 10 "$MIGRATE_TIMEOUT" nsenter --net="/run/netns/${NS[$src]}" -- \
-                "$MIGRUN_BIN" --root "${ROOT[$src]}" migrate-out "$id" --to "${ADDR[$dst]}:$PORT" \
-                --key "$WORK/bench.key" --stats-json "$stats" --work-dir "${OUTDIR[$src]}" "${opt[@]}" \
-                </dev/null >"$logs/$tag.out.log" 2>&1 || rc=$?
-            M_T1=$(now)
-            if ((rc != 0)); then
+        pre|stop|dmigrun)
+            local opt=() in_opt=()
+            [[ $way != stop ]] || opt=(--no-precopy)
+            # Docker: the container of daemon SRC, rebuilt in daemon DST
+            [[ $way != dmigrun ]] || { opt=(--docker-host "${DH[$src]}"); in_opt=(--docker-host "${DH[$dst]}"); }
+            local attempt stopped=""
+            for attempt in 1 2; do
+                rc=0
+                start_migrate_in "$dst" "$logs/$tag.in.log" "${in_opt[@]}" >"$WORK/msg" || { cat "$WORK/msg"; return 1; }
+                M_T0=$(now)
+                timeout -k 10 "$MIGRATE_TIMEOUT" nsenter --net="/run/netns/${NS[$src]}" -- \
+                    "$MIGRUN_BIN" --root "${ROOT[$src]}" migrate-out "$id" --to "${ADDR[$dst]}:$PORT" \
+                    --key "$WORK/bench.key" --stats-json "$stats" --work-dir "${OUTDIR[$src]}" "${opt[@]}" \
+                    </dev/null >"$logs/$tag.out.log" 2>&1 || rc=$?
+                M_T1=$(now)
+                ((rc != 0)) || break
                 stop_bg "$IN_PID"; IN_PID=""
-                echo "migrate-out exit $rc: $(tail_of "$logs/$tag.out.log") | in: $(tail_of "$logs/$tag.in.log")"
+                # Docker: the restore through the target daemon cannot take
+                # the client's established connections (CRIU: "Connected TCP
+                # socket in image"): the client is stopped and the container
+                # migrated again (the first attempt's logs kept as *.1.log)
+                if ((attempt == 1)) && [[ $way == dmigrun && -n $CLIENT_PID ]] \
+                    && cat "$logs/$tag.out.log" "$logs/$tag.in.log" 2>/dev/null | grep -q 'Connected TCP socket' \
+                    && [[ $(ct_status "$id") == running ]]; then
+                    stopped="migrate-out --docker-host failed on the client's established TCP connections (the restore through the target daemon: CRIU 'Connected TCP socket in image'): client stopped, migrated again"
+                    mv "$logs/$tag.out.log" "$logs/$tag.out.1.log"; mv "$logs/$tag.in.log" "$logs/$tag.in.1.log"
+                    stop_client
+                    rm -f "$WORK/client.json"
+                    sleep 1
+                    LINK_B0=$(link_bytes)   # the failed attempt's bytes not counted
+                    continue
+                fi
+                echo "${stopped:+client stopped (established TCP connections), then }migrate-out exit $rc: $(tail_of "$logs/$tag.out.log") | in: $(tail_of "$logs/$tag.in.log")"
                 return 1
+            done
+            if [[ -n $stopped ]]; then
+                jq --arg r "$stopped" '. + {client_stopped: $r}' "$stats" >"$stats.new" && mv "$stats.new" "$stats"
             fi
             wait_until 30 bash -c "! kill -0 $IN_PID 2>/dev/null" || true
             stop_bg "$IN_PID"; IN_PID=""
             rm -rf --one-file-system "${OUTDIR[$src]:?}"/* 2>/dev/null || true
-            # the container's new bundle: migrate-in's incoming dir
-            local nb
-            nb="$(mr --root "${ROOT[$dst]}" state "$id" 2>/dev/null | jq -r .bundle)"
-            [[ $BUNDLE == "$WORK"/* ]] && release_bundle "$BUNDLE"
-            [[ $BUNDLE == "${INDIR[$src]}"/* ]] && rm -rf --one-file-system "$BUNDLE"
-            BUNDLE=$nb ;;
+            if [[ $way == dmigrun ]]; then
+                # the container is the daemon's now: no bundle of ours
+                rm -rf --one-file-system "${INDIR[$dst]:?}"/incoming-* 2>/dev/null || true
+                docker_netns_after "$id" "$dst"
+            else
+                # the container's new bundle: migrate-in's incoming dir
+                local nb
+                nb="$(mr --root "${ROOT[$dst]}" state "$id" 2>/dev/null | jq -r .bundle)"
+                [[ $BUNDLE == "$WORK"/* ]] && release_bundle "$BUNDLE"
+                [[ $BUNDLE == "${INDIR[$src]}"/* ]] && rm -rf --one-file-system "$BUNDLE"
+                BUNDLE=$nb
+            fi ;;
         hand)
             local pid upper hd=$WORK/hand-$tag img
             pid="$(cpid "$id")"
@@ -446,10 +724,12 @@ print(json.dumps({"precopy": False, "total_ms": ms(t1), "downtime_ms": ms(t1), "
                                       {"name": "restored (migrun restore)", "at_ms": ms(t1)}]}))
 PY
             ;;
+        dhand) docker_by_hand "$id" "$tag" "$src" "$dst" || return 1
+            docker_netns_after "$id" "$dst" ;;
     esac
     LOC=$dst
     local st
-    st="$(mr --root "${ROOT[$LOC]}" state "$id" 2>/dev/null | jq -r .status)" || st=""
+    st="$(ct_status "$id")" || st=""
     [[ $st == running ]] || { echo "$id is '${st:-missing}' on ${LOC^^} after the migration"; return 1; }
 }
 
@@ -457,12 +737,12 @@ PY
 one() {
     local part=$1 s=$2 way=$3 i=$4 id=$5 extra=${6:-"{}"}
     local tag=$part-$s-$way-$i f=$OUT/runs/$part-$s-$way-$i.json cf=$WORK/client.json
-    local b0 b1 dir note
+    local b1 dir note
     rm -f "$cf" "$cf.ready"
     start_client "$s" "$id" "$cf" >"$WORK/msg" || { warn "$tag: $(cat "$WORK/msg")"; echo "$tag: $(cat "$WORK/msg")" >>"$OUT/failed.txt"; stop_client; return 1; }
     [[ -z $CLIENT_PID ]] || sleep "$PRE_S"
     dir="${LOC^^}->$([[ $LOC == a ]] && echo B || echo A)"
-    b0=$(link_bytes)
+    LINK_B0=$(link_bytes)
     if ! migrate "$id" "$way" "$tag" >"$WORK/msg" 2>&1; then
         stop_client
         warn "$tag FAILED: $(tail -c 600 "$WORK/msg")"
@@ -483,7 +763,7 @@ r = {"part": "$part", "scenario": "$s", "way": "$way", "run": $i, "direction": "
      "t_start": $M_T0, "t_end": $M_T1,
      "total_ms": stats.get("total_ms"), "downtime_ms": stats.get("downtime_ms"),
      "wall_ms": round(($M_T1 - $M_T0) * 1000, 3),
-     "link_bytes": $b1 - $b0, "migrun_bytes": stats.get("bytes_total"),
+     "link_bytes": $b1 - $LINK_B0, "migrun_bytes": stats.get("bytes_total"),
      "rounds": stats.get("precopy_rounds"), "downtime_phases": stats.get("downtime_phases"),
      "dirty_tracking": stats.get("dirty_tracking"), "throttled": stats.get("throttled"),
      "note": """$note""".strip(), "stats": stats, "client": client}
@@ -493,12 +773,20 @@ json.dump(r, open(f, "w"), indent=1)
 PY
     local c=""
     [[ ! -s $cf ]] || c=", client: $(jq -r '"\(.requests_ok) ok \(.requests_failed) failed, stall \(.longest_stall_ms) ms"' "$cf")"
+    # Docker: a migration redone with the client stopped (see docker_by_hand)
+    c+="$(jq -r '(if .stats.client_stopped then " [client stopped: \(.stats.client_stopped)]" else "" end)
+        + (if .stats.netns_after then " [netns on the target: docker_netns=\(.stats.netns_after.docker_netns) ipv4=\(.stats.netns_after.ipv4 | if . == "" then "none" else . end) lo_was_down=\(.stats.netns_after.lo_was_down)]" else "" end)' "$f")"
     log "$tag ($dir): $(jq -r '"total \(.total_ms|floor) ms, downtime \(.downtime_ms|floor) ms, \(.link_bytes/1048576|floor) MiB on the link, rounds \(.rounds)"' "$f")$c"
 }
 
 finish_container() {
     local id=$1
     stop_client
+    if ((DOCKER_MODE)); then
+        docker_remove "$id"
+        rm -rf --one-file-system "${INDIR[a]:?}"/incoming-* "${INDIR[b]:?}"/incoming-* 2>/dev/null || true
+        return 0
+    fi
     timeout 30 "$MIGRUN_BIN" --root "${ROOT[$LOC]}" delete -f "$id" >/dev/null 2>&1 || warn "delete $id failed"
     [[ $BUNDLE == "$WORK"/* ]] && release_bundle "$BUNDLE"
     [[ -z $BUNDLE || $BUNDLE != /run/mr-suite-* ]] || rm -rf --one-file-system "$BUNDLE" 2>/dev/null
@@ -546,7 +834,7 @@ series() {
             if ! one "$part" "$s" "$way" "$i" "$id" "$extra"; then
                 failures=$((failures + 1))
                 # the container may be gone: start it again for the rest
-                if [[ "$(mr --root "${ROOT[$LOC]}" state "$id" 2>/dev/null | jq -r .status)" != running ]]; then
+                if [[ "$(ct_status "$id")" != running ]]; then
                     finish_container "$id"
                     delete_all "${ROOT[a]}"; delete_all "${ROOT[b]}"
                     start_scenario "$s" "$id" "$mib" "$drate" >"$WORK/msg" 2>&1 || { finish_container "$id"; return 0; }
@@ -601,7 +889,24 @@ for part in "${PARTS[@]}"; do
                 warm_layers dirtier
                 series "link$l" dirtier "$LINK_MIB" "$LINK_DIRTY" "{\"mib\": $LINK_MIB, \"dirty_mib_s\": $LINK_DIRTY}" pre stop
             done ;;
-        *) die "unknown part '$part' (ways dirty link)" ;;
+        docker)
+            testbed_rate "$RATE"
+            DOCKER_MODE=1
+            for s in "${DOCKER_SCENARIOS[@]}"; do
+                if ! docker_image "$(image_of "$s")"; then
+                    echo "docker-$s: the image $(image_of "$s") is not in both daemons" >>"$OUT/failed.txt"
+                    failures=$((failures + 1))
+                    continue
+                fi
+                dx="\"image\": \"$D_IMAGE_REF\", \"image_on_both_daemons\": true"
+                case $s in
+                    mem) series docker mem "$DIRTY_MIB" "$MEM_DIRTY" "{\"mib\": $DIRTY_MIB, \"dirty_mib_s\": $MEM_DIRTY, $dx}" "${DOCKER_WAYS[@]}" ;;
+                    redis) series docker redis "" "" "{\"mib\": $REDIS_MIB, $dx}" "${DOCKER_WAYS[@]}" ;;
+                    *) series docker "$s" "" "" "{$dx}" "${DOCKER_WAYS[@]}" ;;
+                esac
+            done
+            DOCKER_MODE=0 ;;
+        *) die "unknown part '$part' (ways dirty link docker)" ;;
     esac
 done
 
