@@ -766,22 +766,28 @@ async fn migrate(
             }
             src.stats.phase("source copy killed", freeze);
             src.ch.send(&Message::Done).await?;
+            let running = tokio::time::timeout(Duration::from_secs(30), src.replies.recv()).await;
+            let confirmed = matches!(running, Ok(Some(Ok(Message::Ack))));
+            if confirmed {
+                src.stats.phase("running on the target", freeze);
+                src.stats.downtime_ms = freeze_started
+                    .map(|f| f.elapsed().as_secs_f64() * 1000.0)
+                    .unwrap_or(src.stats.downtime_ms);
+            }
+            // The killed copy is cleaned up once the target runs: tearing
+            // down its memory (about 150 ms per GiB) is no business of the
+            // downtime. Its frozen processes cannot run meanwhile.
             if killed {
                 if let Err(e) = lifecycle::delete(root, &opts.id, true) {
                     tracing::error!("delete migrated container {}: {e}", opts.id);
                 }
             }
-            let running = tokio::time::timeout(Duration::from_secs(30), src.replies.recv()).await;
-            if !matches!(running, Ok(Some(Ok(Message::Ack)))) {
+            if !confirmed {
                 return Err(MigrateError::Peer(format!(
                     "container {} was handed over but the target did not confirm it runs",
                     opts.id
                 )));
             }
-            src.stats.phase("running on the target", freeze);
-            src.stats.downtime_ms = freeze_started
-                .map(|f| f.elapsed().as_secs_f64() * 1000.0)
-                .unwrap_or(src.stats.downtime_ms);
             src.stats.total_ms = started.elapsed().as_secs_f64() * 1000.0;
             src.stats.bytes_total = traffic.bytes_total();
             let _ = fs::remove_dir_all(opts.work_dir.join(&opts.id));
