@@ -87,8 +87,13 @@ pub fn first_error_line(log: &Path) -> Option<String> {
     text.lines()
         .filter(|l| l.contains("Error (") || l.contains("Error:"))
         // CRIU reports failing to raise its own descriptor limit as an
-        // error but carries on: it is never the cause.
-        .find(|l| !l.contains("rlimit:"))
+        // error but carries on: it is never the cause. Nor is `ip addr
+        // restore` finding loopback's addresses already there (the kernel
+        // adds them when lo comes up): "Error: ipv4: Address already
+        // assigned." is in the log of every restore of a namespace with lo up.
+        .find(|l| {
+            !l.contains("rlimit:") && !l.to_ascii_lowercase().contains("address already assigned")
+        })
         .map(|l| {
             // Drop the "(00.012345) " timestamp prefix.
             let l = l.trim();
@@ -136,6 +141,25 @@ mod tests {
         assert_eq!(
             first_error_line(&log).as_deref(),
             Some("Error (criu/mount.c:1): mnt: boom")
+        );
+    }
+
+    #[test]
+    fn harmless_errors_are_passed_over() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let log = dir.path().join("restore.log");
+        fs::write(
+            &log,
+            "(00.001) Error (criu/util.c:1534): rlimit: Can't setup RLIMIT_NOFILE for self
+             Error: ipv4: Address already assigned.
+             Error: ipv6: address already assigned.
+             (00.050) Error (criu/files-reg.c:1): Can't open file x
+",
+        )
+        .expect("w");
+        assert_eq!(
+            first_error_line(&log).as_deref(),
+            Some("Error (criu/files-reg.c:1): Can't open file x")
         );
     }
 }
