@@ -317,19 +317,26 @@ fn kill_accepts_names_and_numbers() {
     ]);
     m.ok(&["run", "-d", "-b", b.path().to_str().expect("utf8"), &id]);
     std::thread::sleep(Duration::from_millis(200));
+    // Each trap appends a line; a loaded CI machine can take a while to
+    // schedule the shell, so wait generously and show what arrived.
     let got = |n: usize| {
-        wait_until(Duration::from_secs(5), || {
+        let arrived = wait_until(Duration::from_secs(15), || {
             b.read("got").map(|s| s.lines().count()) == Some(n)
-        })
+        });
+        assert!(
+            arrived,
+            "expected {n} trap lines, got {:?}",
+            b.read("got").unwrap_or_default()
+        );
     };
     m.ok(&["kill", &id, "SIGUSR1"]);
-    assert!(got(1));
+    got(1);
     m.ok(&["kill", &id, "USR1"]);
-    assert!(got(2));
+    got(2);
     m.ok(&["kill", &id, "10"]);
-    assert!(got(3));
+    got(3);
     m.ok(&["kill", &id, "hup"]);
-    assert!(got(4));
+    got(4);
     assert_eq!(b.read("got").unwrap_or_default(), "usr1\nusr1\nusr1\nhup\n");
     m.fails(&["kill", &id, "SIGNOPE"]);
     m.ok(&["kill", "--all", &id, "9"]);
