@@ -467,10 +467,11 @@ pub fn dump_request(
         .iter()
         .any(|(t, _)| *t == LinuxNamespaceType::Network);
     let empty_netns = network_lock_skip && own_netns && no_inet_sockets(pid.as_raw());
+    let empty_asked = empty_net_ns(&opts.empty_ns)?;
     // Dumped empty on request too (`--empty-ns network`, a migration into
     // another Docker daemon): whoever restores it, even without the flag
     // (containerd), must restore it empty and let the hooks set it up.
-    if empty_netns || (own_netns && empty_net_ns(&opts.empty_ns)?) {
+    if empty_netns || (own_netns && empty_asked) {
         fs::write(image_path.join(NETNS_EMPTIED), b"")
             .ctx(|| format!("write {}", image_path.display()))?;
     }
@@ -506,7 +507,7 @@ pub fn dump_request(
         lazy_pages: opts.lazy_pages,
         status_fd: opts.status_fd,
         cgroups_mode: cgroups_mode(&opts.manage_cgroups_mode)?,
-        empty_net_ns: empty_net_ns(&opts.empty_ns)? || empty_netns,
+        empty_net_ns: empty_asked || empty_netns,
         auto_dedup: opts.auto_dedup,
         root: root.meta(container.id()).rootfs,
         external_mounts: external_mounts(spec),
