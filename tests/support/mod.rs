@@ -312,19 +312,33 @@ pub fn cgroups_named(id: &str) -> Vec<PathBuf> {
     found
 }
 
+/// The cgroups of process `pid`, from /proc/PID/cgroup: (controllers, path)
+/// for each hierarchy (empty controllers: the v2 one); empty when unreadable.
+pub fn cgroups_of(pid: i32) -> Vec<(String, String)> {
+    fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut parts = l.splitn(3, ':');
+            let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+            Some((controllers.to_string(), path.to_string()))
+        })
+        .collect()
+}
+
 /// The memory cgroup directory of process `pid` (cgroup v1 or v2).
 pub fn memory_cgroup_of(pid: i32) -> Option<PathBuf> {
-    let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    for line in text.lines() {
-        let mut parts = line.splitn(3, ':');
-        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
-        if controllers.split(',').any(|c| c == "memory") {
-            return Some(PathBuf::from(format!("/sys/fs/cgroup/memory{path}")));
-        }
+    let cgroups = cgroups_of(pid);
+    if let Some((_, path)) = cgroups
+        .iter()
+        .find(|(c, _)| c.split(',').any(|c| c == "memory"))
+    {
+        return Some(PathBuf::from(format!("/sys/fs/cgroup/memory{path}")));
     }
-    text.lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .map(|p| PathBuf::from(format!("/sys/fs/cgroup/unified{p}")))
+    cgroups
+        .iter()
+        .find(|(c, _)| c.is_empty())
+        .map(|(_, p)| PathBuf::from(format!("/sys/fs/cgroup/unified{p}")))
 }
 
 /// Compiles `tests/programs/NAME.c` statically (once per run) and returns the binary.
