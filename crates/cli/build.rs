@@ -1,4 +1,5 @@
-//! Link flags of the `migrun` binary.
+//! Link flags of the `migrun` binary, and of the shim's
+//! (`crates/shim/Cargo.toml` points its `build` here).
 //!
 //! `-z pack-relative-relocs` stores the binary's ~26,000 relative
 //! relocations as a compact DT_RELR table (glibc 2.36+, binutils 2.38+)
