@@ -428,17 +428,25 @@ fn docker_container_with_an_open_connection_moves_and_gets_the_targets_network()
             &["inspect", "-f", "{{.NetworkSettings.IPAddress}}", &name],
         )
     };
-    let ip_a = ip_on(A);
-    assert!(!ip_a.is_empty(), "no address on A");
-    let mut body = Err(String::new());
-    assert!(
-        wait_until(Duration::from_secs(10), || {
-            body = http_get(&format!("{ip_a}:8080"));
+    // Waits until the server answers at `ip`; the last answer otherwise.
+    let answers = |ip: &str| {
+        let mut body = Err(String::new());
+        let ok = wait_until(Duration::from_secs(10), || {
+            body = http_get(&format!("{ip}:8080"));
             body.as_ref()
                 .is_ok_and(|b| b.contains("hello from the container"))
-        }),
-        "the server does not answer on A: {body:?}"
-    );
+        });
+        if ok {
+            Ok(())
+        } else {
+            Err(body)
+        }
+    };
+    let ip_a = ip_on(A);
+    assert!(!ip_a.is_empty(), "no address on A");
+    if let Err(body) = answers(&ip_a) {
+        panic!("the server does not answer on A: {body:?}");
+    }
     // Established, and idle during the migration (httpd waits for a request).
     let open = std::net::TcpStream::connect(format!("{ip_a}:8080")).expect("connect");
 
@@ -459,14 +467,9 @@ fn docker_container_with_an_open_connection_moves_and_gets_the_targets_network()
         addrs.contains(&format!("inet {ip_b}/")),
         "the container is not in the network B made for it ({ip_b}): {addrs}"
     );
-    assert!(
-        wait_until(Duration::from_secs(10), || {
-            body = http_get(&format!("{ip_b}:8080"));
-            body.as_ref()
-                .is_ok_and(|b| b.contains("hello from the container"))
-        }),
-        "the server does not answer on B at {ip_b}: {body:?}"
-    );
+    if let Err(body) = answers(&ip_b) {
+        panic!("the server does not answer on B at {ip_b}: {body:?}");
+    }
 }
 
 /// Runs hack/docker.sh for daemon B (`up` or `down`), as `make docker-up-b`.
