@@ -584,16 +584,25 @@ docker_by_hand() {
     ck_bytes=$(du -sb "$ck" | cut -f1)
     timeout 60 docker -H "${DH[$src]}" rm -f "$id" >/dev/null 2>&1 || warn "$tag: docker rm of $id on ${src^^} failed"
     rm -rf "$ck" "$rd"
-    python3 - "$M_T0" "$M_CK" "$M_CP" "$M_CR" "$M_T1" "$ck_bytes" "$stopped" >"$WORK/stats.json" <<'PY'
+    by_hand_stats "$(jq -cn --argjson b "$ck_bytes" --arg s "$stopped" \
+        '{checkpoint_bytes: $b, client_stopped: (if $s == "" then null else $s end)}')" "$M_T0" \
+        "checkpointed (docker checkpoint create)" "$M_CK" "copied (tar | socat)" "$M_CP" \
+        "created (docker create)" "$M_CR" "restored (docker start --checkpoint)" "$M_T1" >"$WORK/stats.json"
+}
+
+# by_hand_stats EXTRA_JSON T0 NAME TIME...: the figures of a by-hand
+# migration started at T0 (seconds since the epoch), through the named
+# phases; the last one ends it (total = downtime). EXTRA_JSON's fields are
+# added.
+by_hand_stats() {
+    python3 - "$@" <<'PY'
 import json, sys
-t0, ck, cp, cr, t1 = map(float, sys.argv[1:6])
-ms = lambda a: round((a - t0) * 1000, 3)
-print(json.dumps({"precopy": False, "total_ms": ms(t1), "downtime_ms": ms(t1), "precopy_rounds": 0,
-                  "checkpoint_bytes": int(sys.argv[6]), "client_stopped": sys.argv[7] or None,
-                  "downtime_phases": [{"name": "checkpointed (docker checkpoint create)", "at_ms": ms(ck)},
-                                      {"name": "copied (tar | socat)", "at_ms": ms(cp)},
-                                      {"name": "created (docker create)", "at_ms": ms(cr)},
-                                      {"name": "restored (docker start --checkpoint)", "at_ms": ms(t1)}]}))
+extra, t0, rest = json.loads(sys.argv[1]), float(sys.argv[2]), sys.argv[3:]
+ms = lambda a: round((float(a) - t0) * 1000, 3)
+phases = [{"name": n, "at_ms": ms(t)} for n, t in zip(rest[::2], rest[1::2])]
+end = phases[-1]["at_ms"]
+print(json.dumps({"precopy": False, "total_ms": end, "downtime_ms": end, "precopy_rounds": 0,
+                  **extra, "downtime_phases": phases}))
 PY
 }
 
@@ -714,16 +723,8 @@ migrate() {
             [[ $BUNDLE == "$WORK"/* ]] && release_bundle "$BUNDLE"
             [[ $BUNDLE == "${INDIR[$src]}"/* ]] && rm -rf --one-file-system "$BUNDLE"
             BUNDLE=$hd
-            python3 - "$M_T0" "$M_CK" "$M_CP" "$M_T1" >"$stats" <<'PY'
-import json, sys
-t0, ck, cp, t1 = map(float, sys.argv[1:])
-ms = lambda a: round((a - t0) * 1000, 3)
-print(json.dumps({"precopy": False, "total_ms": ms(t1), "downtime_ms": ms(t1), "precopy_rounds": 0,
-                  "downtime_phases": [{"name": "checkpointed (migrun checkpoint)", "at_ms": ms(ck)},
-                                      {"name": "copied (tar | socat)", "at_ms": ms(cp)},
-                                      {"name": "restored (migrun restore)", "at_ms": ms(t1)}]}))
-PY
-            ;;
+            by_hand_stats '{}' "$M_T0" "checkpointed (migrun checkpoint)" "$M_CK" \
+                "copied (tar | socat)" "$M_CP" "restored (migrun restore)" "$M_T1" >"$stats" ;;
         dhand) docker_by_hand "$id" "$tag" "$src" "$dst" || return 1
             docker_netns_after "$id" "$dst" ;;
     esac
