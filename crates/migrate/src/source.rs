@@ -249,20 +249,33 @@ impl Source<'_> {
     }
 
     /// Collects and sends the dirty pages of every tracked process.
+    ///
+    /// A process whose tracked address space is gone is forgotten: it
+    /// exited, or it called execve (a shell's child becoming `sleep`), and
+    /// then the next [`Self::pick_up_new_processes`] takes it as a new
+    /// process and sends all of its new memory.
     async fn send_dirty(&mut self) -> Result<(u64, u64, u64)> {
         let mut sets = Vec::new();
+        let mut gone = Vec::new();
         for (host, (proc, tracker)) in self.trackers.iter_mut() {
             let Some(tracker) = tracker else { continue };
             match tracker.collect() {
                 Ok(set) => sets.push((*proc, set.pages().collect::<Vec<u64>>())),
+                Err(dirty::DirtyError::ProcessGone { .. }) => gone.push(*host),
+                Err(_) if !alive(*host) => gone.push(*host),
                 Err(e) => {
-                    if alive(*host) {
-                        return Err(MigrateError::Source(format!(
-                            "collect dirty pages of {host}: {e}"
-                        )));
-                    }
+                    return Err(MigrateError::Source(format!(
+                        "collect dirty pages of {host}: {e}"
+                    )));
                 }
             }
+        }
+        for host in gone {
+            tracing::debug!(
+                pid = host,
+                "address space gone (exit or execve): tracked anew"
+            );
+            self.trackers.remove(&host);
         }
         let (mut dirtied, mut data, mut zero) = (0, 0, 0);
         self.start_bar(sets.iter().map(|(_, p)| p.len() as u64).sum());

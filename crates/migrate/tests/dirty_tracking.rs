@@ -934,6 +934,47 @@ fn test_uffd_wp_dontneed_whole_page_table() {
     }
 }
 
+/// A tracked process that calls execve has a new address space, which a
+/// tracker of the old one cannot see: collect says the process (as far as
+/// its memory goes) is gone, so that the engine starts over on it, instead
+/// of failing or reporting nothing. A shell's children do this all the
+/// time (fork, then exec `sleep`).
+fn test_execve_after_start_reports_process_gone() {
+    let mut backends = vec![Backend::UffdWp, Backend::Hash];
+    if dirty::soft_dirty::probe().is_ok() {
+        backends.push(Backend::SoftDirty);
+    }
+    for backend in backends {
+        let mut sh = Command::new("/bin/sh")
+            .args(["-c", "read x; exec sleep 30"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("spawn sh");
+        let pid = sh.id() as i32;
+        let exe = |pid: i32| std::fs::read_link(format!("/proc/{pid}/exe")).ok();
+        let before = exe(pid);
+        let mut t = dirty::open(pid, backend).expect("open tracker");
+        t.start().expect("start");
+        collect(&mut *t);
+        writeln!(sh.stdin.as_mut().expect("stdin"), "go").expect("write");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while exe(pid) == before {
+            assert!(Instant::now() < deadline, "{backend:?}: sh did not exec");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let got = t.collect();
+        assert!(
+            matches!(got, Err(DirtyError::ProcessGone { pid: p }) if p == pid),
+            "{backend:?}: collect after execve gave {got:?}"
+        );
+        drop(t);
+        // The process itself goes on, untouched.
+        assert!(sh.try_wait().expect("try_wait").is_none(), "{backend:?}");
+        sh.kill().expect("kill");
+        sh.wait().expect("wait");
+    }
+}
+
 /// The A→B→A problem of hashing and how record_sent solves it.
 fn test_hash_record_sent() {
     let mut c = Child::spawn();
@@ -1122,6 +1163,10 @@ const TESTS: &[Test] = &[
         test_uffd_wp_dontneed_whole_page_table,
     ),
     ("hash_record_sent", test_hash_record_sent),
+    (
+        "execve_after_start_reports_process_gone",
+        test_execve_after_start_reports_process_gone,
+    ),
     ("precopy_uffd_wp", test_precopy_uffd_wp),
     ("precopy_hash", test_precopy_hash),
     ("timing_256mib", test_timing_256mib),

@@ -314,7 +314,15 @@ pub(crate) fn read_pagemap(
 ) -> std::io::Result<Vec<u64>> {
     let n = ((end - start) / page_size) as usize;
     let mut bytes = vec![0u8; n * 8];
-    pagemap.read_exact_at(&mut bytes, start / page_size * 8)?;
+    // A pagemap whose address space is gone (the process exited, or
+    // execve gave it a new one) reads as empty: that is ESRCH, as for the
+    // other calls on it, not a short file.
+    pagemap
+        .read_exact_at(&mut bytes, start / page_size * 8)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => std::io::Error::from_raw_os_error(libc::ESRCH),
+            _ => e,
+        })?;
     Ok(bytes
         .chunks_exact(8)
         .map(|c| {

@@ -260,6 +260,17 @@ enum ScanKind {
     Populated,
 }
 
+/// Maps a failed scan of `pid`'s pagemap to an error. `ESRCH` means the
+/// address space the pagemap was opened on is gone: the process exited, or
+/// it called execve and has a new one, which a tracker of the old one
+/// cannot see (the caller starts over with a new tracker).
+fn scan_err(pid: i32, what: String) -> impl FnOnce(Errno) -> DirtyError {
+    move |errno| match errno {
+        Errno::ESRCH => DirtyError::ProcessGone { pid },
+        errno => sys_err(format!("{what} of process {pid}"))(errno),
+    }
+}
+
 /// Runs `PAGEMAP_SCAN` of `kind` over `[start, end)`, appending the
 /// reported `[start, end)` ranges to `out`, continuing from `walk_end`
 /// while the buffer fills up.
@@ -502,10 +513,7 @@ impl UffdWpTracker {
                 out.push((start, end));
                 Ok(())
             }
-            Err(e) => Err(sys_err(format!(
-                "scan {start:#x}-{end:#x} of process {}",
-                self.pid
-            ))(e)),
+            Err(e) => Err(scan_err(self.pid, format!("scan {start:#x}-{end:#x}"))(e)),
         }
     }
 
@@ -518,10 +526,7 @@ impl UffdWpTracker {
             ScanKind::Populated,
             out,
         )
-        .map_err(sys_err(format!(
-            "scan {start:#x}-{end:#x} of process {}",
-            self.pid
-        )))
+        .map_err(scan_err(self.pid, format!("scan {start:#x}-{end:#x}")))
     }
 
     /// Stops the event thread, unregisters everything and closes the
@@ -641,10 +646,9 @@ impl DirtyTracker for UffdWpTracker {
                     dirty.push((s, e));
                 }
                 Err(err) => {
-                    return Err(sys_err(format!(
-                        "PAGEMAP_SCAN {s:#x}-{e:#x} of process {}",
-                        self.pid
-                    ))(err))
+                    return Err(scan_err(self.pid, format!("PAGEMAP_SCAN {s:#x}-{e:#x}"))(
+                        err,
+                    ))
                 }
             }
         }
