@@ -101,13 +101,25 @@ fn leave_running_then_restore_a_copy_under_another_id() {
         &id,
     ]);
     assert_eq!(m.status(&id), "running");
-    let token = b
-        .read("count")
-        .unwrap_or_default()
-        .split(' ')
-        .next()
-        .unwrap_or_default()
-        .to_string();
+    // The counter rewrites the file (truncate, then write): a read can find
+    // it empty, so the token is the first non-empty one read.
+    let token_of = |b: &Bundle| -> String {
+        let mut token = String::new();
+        wait_until(Duration::from_secs(5), || {
+            token = b
+                .read("count")
+                .unwrap_or_default()
+                .split(' ')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_string();
+            !token.is_empty()
+        });
+        token
+    };
+    let token = token_of(&b);
+    assert!(!token.is_empty(), "no token in the original's count file");
 
     // A second bundle with a copy of the rootfs taken now.
     let copy = Bundle::new(&["true"]);
@@ -137,16 +149,7 @@ fn leave_running_then_restore_a_copy_under_another_id() {
     ]);
     assert_eq!(m.status(&copy_id), "running");
     assert_eq!(m.status(&id), "running");
-    assert!(wait_until(Duration::from_secs(5), || copy
-        .read("count")
-        .is_some()));
-    let copy_token = copy
-        .read("count")
-        .unwrap_or_default()
-        .split(' ')
-        .next()
-        .unwrap_or_default()
-        .to_string();
+    let copy_token = token_of(&copy);
     assert_eq!(
         copy_token, token,
         "the copy does not carry the original's memory"

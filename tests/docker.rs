@@ -277,4 +277,30 @@ fn docker_checkpoint_and_start_from_it() {
     );
     let out = docker(&["exec", &name, "echo", "exec-ok"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "exec-ok\n");
+    // The network is the daemon's, as with runc: the restored processes
+    // live in the namespace Docker made for the new task (its SandboxKey),
+    // which holds the address Docker gave it, and reach the bridge.
+    let inspect = docker_ok(&[
+        "inspect",
+        "-f",
+        "{{.State.Pid}} {{.NetworkSettings.SandboxKey}} {{.NetworkSettings.IPAddress}} {{.NetworkSettings.Gateway}}",
+        &name,
+    ]);
+    let f: Vec<&str> = inspect.split_whitespace().collect();
+    assert_eq!(f.len(), 4, "inspect: {inspect}");
+    use std::os::unix::fs::MetadataExt;
+    let ino = |p: String| std::fs::metadata(&p).map(|m| m.ino()).unwrap_or(0);
+    assert_eq!(
+        ino(format!("/proc/{}/ns/net", f[0])),
+        ino(f[1].to_string()),
+        "restored container is not in the daemon's network namespace {}",
+        f[1]
+    );
+    let addrs = docker_ok(&["exec", &name, "ip", "-4", "-o", "addr", "show", "eth0"]);
+    assert!(
+        addrs.contains(&format!("{}/", f[2])),
+        "eth0 lacks Docker's address {}: {addrs}",
+        f[2]
+    );
+    docker_ok(&["exec", &name, "ping", "-c", "1", "-W", "2", f[3]]);
 }

@@ -201,6 +201,19 @@ fn external_namespaces(spec: &Spec) -> Vec<(LinuxNamespaceType, PathBuf)> {
     out
 }
 
+/// Whether the spec has prestart or createRuntime hooks, which is how a
+/// caller that manages the container's network itself sets it up (Docker's
+/// `libnetwork-setkey`). runc leaves network namespaces to such callers
+/// and always dumps them empty; migrun does so for these specs, and keeps
+/// the namespace's configuration for the others (its own network move).
+fn network_set_up_by_hooks(spec: &Spec) -> bool {
+    spec.hooks().as_ref().is_some_and(|h| {
+        #[allow(deprecated)]
+        let prestart = h.prestart().as_ref().is_some_and(|v| !v.is_empty());
+        prestart || h.create_runtime().as_ref().is_some_and(|v| !v.is_empty())
+    })
+}
+
 /// Marker in an image directory: the dump skipped CRIU's network lock.
 const NETLOCK_SKIPPED: &str = "migrun-netlock-skipped";
 
@@ -467,7 +480,10 @@ pub fn dump_request(
         .iter()
         .any(|(t, _)| *t == LinuxNamespaceType::Network);
     let empty_netns = network_lock_skip && own_netns && no_inet_sockets(pid.as_raw());
-    let empty_asked = empty_net_ns(&opts.empty_ns)?;
+    // A namespace that the caller's hooks set up (Docker: libnetwork's
+    // prestart hook moves its veth in) is theirs to set up again on
+    // restore, wherever that is: dumped empty, as runc always does.
+    let empty_asked = empty_net_ns(&opts.empty_ns)? || network_set_up_by_hooks(spec);
     // Dumped empty on request too (`--empty-ns network`, a migration into
     // another Docker daemon): whoever restores it, even without the flag
     // (containerd), must restore it empty and let the hooks set it up.
