@@ -104,6 +104,75 @@ fn http_get(addr: SocketAddr) -> std::io::Result<String> {
         .unwrap_or_default())
 }
 
+/// `hack/netctr.sh attach`: container `id` of `m` (on host A) gets service
+/// address `ip`/24 on the test bed.
+fn attach_service_addr(m: &Migrun, id: &str, ip: &str) {
+    let attach = Command::new("bash")
+        .arg(repo_root().join("hack/netctr.sh"))
+        .arg("attach")
+        .arg(m.root())
+        .arg(id)
+        .arg(format!("{ip}/24"))
+        .arg(HOST_A)
+        .env("MIGRUN_BIN", migrun_bin())
+        .output()
+        .expect("netctr.sh");
+    assert!(
+        attach.status.success(),
+        "netctr.sh attach: {}",
+        String::from_utf8_lossy(&attach.stderr)
+    );
+}
+
+/// An established TCP connection from the client namespace to an echo
+/// server (`nc -l -e cat`).
+struct EchoConn {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl EchoConn {
+    /// Connects from the client namespace, retrying while the server starts.
+    fn connect(addr: SocketAddr) -> Self {
+        let conn = in_netns(CLIENT, move || {
+            let mut last = None;
+            for _ in 0..50 {
+                match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+                    Ok(s) => return s,
+                    Err(e) => last = Some(e),
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            panic!("connect to the echo server: {last:?}");
+        });
+        conn.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        Self {
+            reader: BufReader::new(conn.try_clone().expect("clone")),
+            writer: conn,
+        }
+    }
+
+    /// Sends `text` as a line; the line that comes back, without its newline.
+    fn echo(&mut self, text: &str) -> String {
+        self.writer
+            .write_all(format!("{text}\n").as_bytes())
+            .expect("send");
+        let mut line = String::new();
+        self.reader.read_line(&mut line).expect("echo");
+        line.trim_end_matches('\n').to_string()
+    }
+}
+
+/// The ports of `bridge` in network namespace `ns` (`ip -o link show master`).
+fn bridge_ports(ns: &str, bridge: &str) -> String {
+    let ports = Command::new("ip")
+        .args(["-n", ns, "-o", "link", "show", "master", bridge])
+        .output()
+        .expect("ip link");
+    String::from_utf8_lossy(&ports.stdout).into_owned()
+}
+
 /// What the client loop saw.
 #[derive(Debug, Default)]
 struct ClientView {
@@ -245,44 +314,13 @@ fn service_address_answers_from_the_target_and_tcp_connections_carry_on() {
         ),
     ]);
     src.ok_quiet(&["run", "-d", "-b", b.path().to_str().expect("utf8"), &id]);
-    let attach = Command::new("bash")
-        .arg(repo_root().join("hack/netctr.sh"))
-        .arg("attach")
-        .arg(src.root())
-        .arg(&id)
-        .arg(format!("{ip}/24"))
-        .arg(HOST_A)
-        .env("MIGRUN_BIN", migrun_bin())
-        .output()
-        .expect("netctr.sh");
-    assert!(
-        attach.status.success(),
-        "netctr.sh attach: {}",
-        String::from_utf8_lossy(&attach.stderr)
-    );
+    attach_service_addr(&src, &id, &ip);
     let http: SocketAddr = format!("{ip}:80").parse().expect("addr");
     let echo: SocketAddr = format!("{ip}:{ECHO_PORT}").parse().expect("addr");
 
     // An established connection, from the client, before the migration.
-    let conn = in_netns(CLIENT, move || {
-        let mut last = None;
-        for _ in 0..50 {
-            match TcpStream::connect_timeout(&echo, Duration::from_secs(5)) {
-                Ok(s) => return s,
-                Err(e) => last = Some(e),
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!("connect to the echo server: {last:?}");
-    });
-    conn.set_read_timeout(Some(Duration::from_secs(30)))
-        .expect("timeout");
-    let mut reader = BufReader::new(conn.try_clone().expect("clone"));
-    let mut conn_w = conn;
-    let mut line = String::new();
-    conn_w.write_all(b"before the migration\n").expect("send");
-    reader.read_line(&mut line).expect("echo before");
-    assert_eq!(line, "before the migration\n");
+    let mut conn = EchoConn::connect(echo);
+    assert_eq!(conn.echo("before the migration"), "before the migration");
 
     let client = ClientLoop::start(http, "served-from-the-container");
     assert!(
@@ -323,23 +361,14 @@ fn service_address_answers_from_the_target_and_tcp_connections_carry_on() {
     // Where it runs now: on B, attached to B's bridge; gone from A.
     assert_eq!(dst.status(&id), "running");
     src.fails(&["state", &id]);
-    let ports = Command::new("ip")
-        .args(["-n", HOST_B, "-o", "link", "show", "master", HOST_BRIDGE])
-        .output()
-        .expect("ip link");
-    let ports = String::from_utf8_lossy(&ports.stdout).into_owned();
+    let ports = bridge_ports(HOST_B, HOST_BRIDGE);
     assert!(
         ports.contains("mr") && ports.contains("state UP"),
         "no container veth on {HOST_B}/{HOST_BRIDGE}: {ports}"
     );
 
     // The established connection carries on.
-    line.clear();
-    conn_w
-        .write_all(b"after the migration\n")
-        .expect("send after");
-    reader.read_line(&mut line).expect("echo after");
-    assert_eq!(line, "after the migration\n");
+    assert_eq!(conn.echo("after the migration"), "after the migration");
 
     // The client goes on being served, by B's copy.
     assert!(
@@ -390,21 +419,7 @@ fn failed_network_move_leaves_the_source_serving() {
         "mkdir -p /www && echo still-on-a > /www/index.html && exec httpd -f -p 80 -h /www",
     ]);
     src.ok_quiet(&["run", "-d", "-b", b.path().to_str().expect("utf8"), &id]);
-    let attach = Command::new("bash")
-        .arg(repo_root().join("hack/netctr.sh"))
-        .arg("attach")
-        .arg(src.root())
-        .arg(&id)
-        .arg(format!("{ip}/24"))
-        .arg(HOST_A)
-        .env("MIGRUN_BIN", migrun_bin())
-        .output()
-        .expect("netctr.sh");
-    assert!(
-        attach.status.success(),
-        "netctr.sh attach: {}",
-        String::from_utf8_lossy(&attach.stderr)
-    );
+    attach_service_addr(&src, &id, &ip);
     let http: SocketAddr = format!("{ip}:80").parse().expect("addr");
     let get = move || in_netns(CLIENT, move || http_get(http));
     assert!(wait_until(Duration::from_secs(10), || get()
@@ -419,7 +434,7 @@ fn failed_network_move_leaves_the_source_serving() {
         .expect("keygen");
     assert!(kg.status.success());
     let listen = format!("{ADDR_B}:{port}");
-    // The restore succeeds, plugging the container into B's network fails.
+    // The target cannot plug the container into B's network: no such bridge.
     let mut target = Target::start(&dst, &listen, &key, "nosuchbridge");
     let out = migrun_in(HOST_A, &src)
         .args(["migrate-out", &id, "--to", &listen, "--key"])
@@ -453,4 +468,96 @@ fn failed_network_move_leaves_the_source_serving() {
         "rules left in the source container: {rules}"
     );
     assert!(dst.run(&["list", "-q"]).stdout.is_empty());
+}
+
+#[test]
+fn checkpoint_on_a_restore_with_bridge_on_b_keeps_the_address_and_connection() {
+    testbed();
+    let (ip, _) = service_addr(2);
+    let (src, dst) = (Migrun::new(), Migrun::new());
+    let id = unique_id("net-hand");
+    let b = Bundle::new(&["nc", "-l", "-p", &ECHO_PORT.to_string(), "-e", "cat"]);
+    src.ok_quiet(&["run", "-d", "-b", b.path().to_str().expect("utf8"), &id]);
+    attach_service_addr(&src, &id, &ip);
+    let echo: SocketAddr = format!("{ip}:{ECHO_PORT}").parse().expect("addr");
+    let mut conn = EchoConn::connect(echo);
+    assert_eq!(conn.echo("on a"), "on a");
+
+    let images = tempfile::tempdir().expect("tmp");
+    let img = images.path().to_str().expect("utf8");
+    let out = migrun_in(HOST_A, &src)
+        .args(["checkpoint", "--tcp-established", "--image-path", img, &id])
+        .output()
+        .expect("checkpoint");
+    assert!(
+        out.status.success(),
+        "checkpoint: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    src.fails(&["state", &id]);
+
+    // A bridge that B lacks: refused before anything is restored.
+    let out = migrun_in(HOST_B, &dst)
+        .args([
+            "restore",
+            "-d",
+            "--tcp-established",
+            "--bridge",
+            "nosuchbridge",
+        ])
+        .args([
+            "--image-path",
+            img,
+            "-b",
+            b.path().to_str().expect("utf8"),
+            &id,
+        ])
+        .output()
+        .expect("restore");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "restore onto nosuchbridge succeeded");
+    assert!(err.contains("nosuchbridge"), "{err}");
+    assert!(dst.run(&["list", "-q"]).stdout.is_empty());
+
+    let out = migrun_in(HOST_B, &dst)
+        .args([
+            "restore",
+            "-d",
+            "--tcp-established",
+            "--bridge",
+            HOST_BRIDGE,
+        ])
+        .args([
+            "--image-path",
+            img,
+            "-b",
+            b.path().to_str().expect("utf8"),
+            &id,
+        ])
+        .output()
+        .expect("restore");
+    assert!(
+        out.status.success(),
+        "restore --bridge: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(dst.status(&id), "running");
+    // The restore itself plugged the veth in, up, before it returned.
+    let ports = bridge_ports(HOST_B, HOST_BRIDGE);
+    assert!(
+        ports.contains("mr") && ports.contains("state UP"),
+        "no container veth on {HOST_B}/{HOST_BRIDGE}: {ports}"
+    );
+    // Tell the switch where the MAC is now (migrate-in does this itself).
+    let pid = dst.state(&id)["pid"].as_i64().expect("pid");
+    let garp = Command::new("nsenter")
+        .arg(format!("--net=/proc/{pid}/ns/net"))
+        .args([
+            "--", "busybox", "arping", "-U", "-c", "1", "-I", "eth0", &ip,
+        ])
+        .output()
+        .expect("arping");
+    assert!(garp.status.success(), "arping: {garp:?}");
+    assert_eq!(conn.echo("on b"), "on b");
+    dst.ok_quiet(&["delete", "-f", &id]);
 }

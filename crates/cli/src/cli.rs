@@ -364,6 +364,11 @@ pub struct RestoreArgs {
     /// Disable the use of the subreaper used to reap reparented processes
     #[arg(long)]
     pub no_subreaper: bool,
+    /// (migrun) Plug the outside ends of the container's restored veths
+    /// into this bridge of the caller's network namespace, up, before the
+    /// restored processes send a packet
+    #[arg(long, value_name = "NAME")]
+    pub bridge: Option<String>,
     /// The container id
     pub id: String,
 }

@@ -26,19 +26,16 @@
 //! killed CRIU dump leaves behind, for a source that takes its container
 //! back after a failed migration.
 
-use std::ffi::CString;
 use std::fs::File;
 use std::net::Ipv4Addr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::Duration;
 
 use migrun_runtime::checkpoint;
+use migrun_runtime::netdev::{ifindex, in_netns, Socket};
 use migrun_runtime::StateRoot;
 
 use crate::{MigrateError, Result};
 
-/// `SIOCBRADDIF` (linux/sockios.h): add an interface to a bridge.
-const SIOCBRADDIF: libc::c_ulong = 0x89a2;
 /// EtherType of ARP.
 const ETH_P_ARP: u16 = 0x0806;
 /// When the background announcements go out, after the first one.
@@ -92,7 +89,7 @@ pub fn after_restore(root: &StateRoot, id: &str, bridge: Option<&str>) -> Result
             "bridge {bridge} (--bridge) does not exist in migrate-in's network namespace"
         )));
     }
-    let sock = Socket::new(libc::AF_INET, libc::SOCK_DGRAM, 0)
+    let sock = Socket::for_ioctls()
         .map_err(|e| MigrateError::Target(format!("socket for bridge {bridge}: {e}")))?;
     for (inside, outside) in ours {
         sock.bridge_add(bridge, &outside).map_err(|e| {
@@ -289,107 +286,6 @@ fn interfaces(pid: i32) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// The index of interface `name` in the calling thread's network namespace.
-fn ifindex(name: &str) -> Option<u32> {
-    let c = CString::new(name).ok()?;
-    // SAFETY: `c` is a valid NUL-terminated string.
-    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    (idx != 0).then_some(idx)
-}
-
-/// Runs `f` in a thread of its own inside the network namespace `ns`
-/// (setns changes the calling thread only).
-fn in_netns<T: Send + 'static>(
-    ns: &File,
-    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
-) -> std::io::Result<T> {
-    let ns = ns.try_clone()?;
-    std::thread::spawn(move || {
-        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
-            .map_err(std::io::Error::from)?;
-        f()
-    })
-    .join()
-    .map_err(|_| std::io::Error::other("network namespace thread panicked"))?
-}
-
-/// A socket closed on drop, for interface ioctls and raw frames.
-struct Socket(OwnedFd);
-
-impl Socket {
-    fn new(domain: i32, typ: i32, proto: i32) -> std::io::Result<Self> {
-        // SAFETY: plain socket(2) call; the descriptor is owned below.
-        let fd = unsafe { libc::socket(domain, typ | libc::SOCK_CLOEXEC, proto) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a fresh descriptor that nothing else owns.
-        Ok(Self(unsafe { OwnedFd::from_raw_fd(fd) }))
-    }
-
-    /// An ifreq naming `name`.
-    fn ifreq(name: &str) -> std::io::Result<libc::ifreq> {
-        if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains('\0') {
-            return Err(std::io::Error::other(format!(
-                "bad interface name {name:?}"
-            )));
-        }
-        // SAFETY: ifreq is plain old data; zeroed is a valid value.
-        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-        for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
-            *dst = src as libc::c_char;
-        }
-        Ok(req)
-    }
-
-    /// ioctl `op` with `req`.
-    fn ioctl(&self, op: libc::c_ulong, req: &mut libc::ifreq) -> std::io::Result<()> {
-        // SAFETY: the socket is valid and `req` a valid ifreq for the
-        // interface ioctls this is used with.
-        if unsafe { libc::ioctl(self.0.as_raw_fd(), op as _, req as *mut libc::ifreq) } < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(())
-    }
-
-    /// Makes `port` a port of `bridge` (no-op if it is already).
-    fn bridge_add(&self, bridge: &str, port: &str) -> std::io::Result<()> {
-        let idx = ifindex(port).ok_or_else(|| std::io::Error::other(format!("no {port}")))?;
-        let mut req = Self::ifreq(bridge)?;
-        req.ifr_ifru.ifru_ifindex = idx as libc::c_int;
-        match self.ioctl(SIOCBRADDIF, &mut req) {
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Ok(()),
-            other => other,
-        }
-    }
-
-    /// Sets interface `name` up.
-    fn set_up(&self, name: &str) -> std::io::Result<()> {
-        let mut req = Self::ifreq(name)?;
-        self.ioctl(libc::SIOCGIFFLAGS, &mut req)?;
-        // SAFETY: SIOCGIFFLAGS filled in the flags member of the union.
-        let flags = unsafe { req.ifr_ifru.ifru_flags };
-        if flags & libc::IFF_UP as libc::c_short != 0 {
-            return Ok(());
-        }
-        req.ifr_ifru.ifru_flags = flags | libc::IFF_UP as libc::c_short;
-        self.ioctl(libc::SIOCSIFFLAGS, &mut req)
-    }
-
-    /// The MAC address of interface `name`.
-    fn mac(&self, name: &str) -> std::io::Result<[u8; 6]> {
-        let mut req = Self::ifreq(name)?;
-        self.ioctl(libc::SIOCGIFHWADDR, &mut req)?;
-        // SAFETY: SIOCGIFHWADDR filled in the hwaddr member of the union.
-        let sa = unsafe { req.ifr_ifru.ifru_hwaddr };
-        let mut mac = [0u8; 6];
-        for (d, s) in mac.iter_mut().zip(sa.sa_data.iter()) {
-            *d = *s as u8;
-        }
-        Ok(mac)
-    }
-}
-
 /// The IPv4 addresses of interface `name` (calling thread's namespace).
 fn ipv4_addresses(name: &str) -> std::io::Result<Vec<Ipv4Addr>> {
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
@@ -443,7 +339,7 @@ fn garp_frame(mac: [u8; 6], ip: Ipv4Addr) -> [u8; 42] {
 /// Sends a gratuitous ARP for every IPv4 address of the interfaces `names`
 /// (calling thread's namespace); returns the addresses announced.
 fn announce(names: &[String]) -> std::io::Result<Vec<Ipv4Addr>> {
-    let ioctl_sock = Socket::new(libc::AF_INET, libc::SOCK_DGRAM, 0)?;
+    let ioctl_sock = Socket::for_ioctls()?;
     let raw = Socket::new(
         libc::AF_PACKET,
         libc::SOCK_RAW,
@@ -469,7 +365,7 @@ fn announce(names: &[String]) -> std::io::Result<Vec<Ipv4Addr>> {
             // SAFETY: the frame and the address are valid for the lengths given.
             let sent = unsafe {
                 libc::sendto(
-                    raw.0.as_raw_fd(),
+                    raw.raw_fd(),
                     frame.as_ptr().cast(),
                     frame.len(),
                     0,
@@ -518,12 +414,5 @@ mod tests {
         let e = parse_tcp_line(est).expect("est");
         assert_eq!(e.queued, 0);
         assert!(parse_tcp_line("garbage").is_none());
-    }
-
-    #[test]
-    fn bad_interface_names_are_refused() {
-        assert!(Socket::ifreq("").is_err());
-        assert!(Socket::ifreq("a-name-much-too-long").is_err());
-        assert!(Socket::ifreq("eth0").is_ok());
     }
 }

@@ -568,6 +568,9 @@ async fn receive_into(
                         // Stopped until the source has let go of its copy:
                         // never two running copies.
                         leave_stopped: true,
+                        // The network moves along: the veths go onto the
+                        // host's bridge before the first packet.
+                        bridge: opts.bridge.clone(),
                         ..Default::default()
                     },
                 );

@@ -103,6 +103,13 @@ pub struct RestoreOptions {
     pub criu: PathBuf,
     /// Leave the restored processes stopped until [`continue_container`].
     pub leave_stopped: bool,
+    /// A bridge (in the caller's network namespace) that the outside ends
+    /// of the container's restored veths become ports of, up, inside the
+    /// restore (CRIU's `veth[IN]:OUT@BRIDGE` external): before the network
+    /// is unlocked and the restored TCP connections send their first
+    /// packet, which on a link still down would resolve its neighbour in
+    /// vain and wait a second (`retrans_time`) for the next try.
+    pub bridge: Option<String>,
 }
 
 /// A file in an image directory that makes [`restore`] leave the restored
@@ -289,19 +296,37 @@ pub fn veth_outside_name(root: &StateRoot, id: &str, inside: &str) -> String {
     format!("mr{hash:08x}")
 }
 
-/// The CRIU externals that name the outside ends of the veths recorded in
-/// `image_path` (nothing when the namespace was dumped without interfaces).
-fn veth_externals(root: &StateRoot, id: &str, image_path: &Path) -> Vec<String> {
+/// The veths recorded in `image_path` as (inside name, outside name) of
+/// container `id` restored under `root` (nothing when the namespace was
+/// dumped without interfaces).
+fn restored_veths(root: &StateRoot, id: &str, image_path: &Path) -> Vec<(String, String)> {
     fs::read_to_string(image_path.join(NETDEVS))
         .map(|names| {
             names
                 .lines()
                 .map(str::trim)
                 .filter(|n| !n.is_empty() && !n.contains([']', ':', '@']))
-                .map(|n| format!("veth[{n}]:{}", veth_outside_name(root, id, n)))
+                .map(|n| (n.to_string(), veth_outside_name(root, id, n)))
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// The CRIU externals that name the outside ends of the veths recorded in
+/// `image_path`, with `@bridge` when they are to become ports of `bridge`:
+/// CRIU then plugs them in and brings them up itself, after making them
+/// and before it unlocks the network (see [`RestoreOptions::bridge`]).
+fn veth_externals(
+    root: &StateRoot,
+    id: &str,
+    image_path: &Path,
+    bridge: Option<&str>,
+) -> Vec<String> {
+    let on_bridge = bridge.map(|b| format!("@{b}")).unwrap_or_default();
+    restored_veths(root, id, image_path)
+        .into_iter()
+        .map(|(inside, outside)| format!("veth[{inside}]:{outside}{on_bridge}"))
+        .collect()
 }
 
 /// Sets loopback up in the network namespace of `pid` (what a fresh
@@ -309,40 +334,8 @@ fn veth_externals(root: &StateRoot, id: &str, image_path: &Path) -> Vec<String> 
 fn loopback_up(pid: i32) -> Result<()> {
     let ns = fs::File::open(format!("/proc/{pid}/ns/net"))
         .ctx(|| format!("open network namespace of {pid}"))?;
-    // setns changes only the calling thread: do it in a thread of its own.
-    std::thread::spawn(move || -> std::io::Result<()> {
-        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
-            .map_err(std::io::Error::from)?;
-        // SAFETY: plain socket(2) call; the descriptor is closed below.
-        let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-        if sock < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: ifreq is plain old data; zeroed is a valid value.
-        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-        for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
-            *dst = *src as libc::c_char;
-        }
-        // SAFETY: `sock` is a valid socket and `req` a valid ifreq for these ioctls.
-        let result = unsafe {
-            if libc::ioctl(sock, libc::SIOCGIFFLAGS, &mut req) < 0 {
-                -1
-            } else {
-                req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
-                libc::ioctl(sock, libc::SIOCSIFFLAGS, &req)
-            }
-        };
-        let err = std::io::Error::last_os_error();
-        // SAFETY: `sock` is ours and closed once.
-        unsafe { libc::close(sock) };
-        if result < 0 {
-            return Err(err);
-        }
-        Ok(())
-    })
-    .join()
-    .map_err(|_| RuntimeError::InvalidInput("loopback thread panicked".into()))?
-    .ctx(|| format!("set loopback up in the network namespace of {pid}"))
+    crate::netdev::in_netns(&ns, || crate::netdev::Socket::for_ioctls()?.set_up("lo"))
+        .ctx(|| format!("set loopback up in the network namespace of {pid}"))
 }
 
 /// Freezer cgroup directory of a container (cgroup v1).
@@ -756,6 +749,13 @@ pub fn restore_with_stdio(
     let emptied = migrun_criu::images::check_image_dir(&opts.image_path).is_ok()
         && opts.image_path.join(NETNS_EMPTIED).exists();
     let empty_net = empty_net_ns(&opts.empty_ns)? || emptied;
+    if let Some(bridge) = &opts.bridge {
+        if crate::netdev::ifindex(bridge).is_none() {
+            return Err(RuntimeError::InvalidInput(format!(
+                "bridge {bridge} (--bridge) does not exist in this network namespace"
+            )));
+        }
+    }
 
     let dir = root.container_dir(&opts.id);
     fs::create_dir_all(&dir).ctx(|| format!("create {}", dir.display()))?;
@@ -884,7 +884,7 @@ pub fn restore_with_stdio(
         externals: if empty_net {
             Vec::new()
         } else {
-            veth_externals(root, &opts.id, &image_path)
+            veth_externals(root, &opts.id, &image_path, opts.bridge.as_deref())
         },
         leave_stopped: opts.leave_stopped || opts.image_path.join(LEAVE_STOPPED_MARKER).exists(),
         tcp_close: opts.image_path.join(TCP_CLOSE_MARKER).exists(),

@@ -14,6 +14,7 @@ pub mod features;
 pub mod foreground;
 pub mod id;
 pub mod lifecycle;
+pub mod netdev;
 pub mod processes;
 pub mod resources;
 pub mod sealed_exe;

@@ -59,6 +59,7 @@ pub fn restore(root: &StateRoot, args: &RestoreArgs, criu: &Path) -> Result<i32>
         auto_dedup: c.auto_dedup,
         criu: criu.to_path_buf(),
         leave_stopped: false,
+        bridge: args.bridge.clone(),
     };
     let signals = if args.detach {
         None
