@@ -1121,6 +1121,10 @@ fn start_lazy_dump(
         ..Default::default()
     };
     let mut req = checkpoint::dump_request(src.root, &container, spec, images, &opts)?;
+    // Nobody asks this dump for its lazy pages: the target's page store has
+    // them. CRIU need not copy them into its pipes.
+    fs::write(images.join(migrun_criu::images::LAZY_NO_DRAIN_MARKER), b"")
+        .map_err(|e| MigrateError::Source(format!("write to {}: {e}", images.display())))?;
     // A server under load has connections half set up at any moment: the
     // clients retry them, as after a lost SYN, on the target.
     req.tcp_skip_in_flight = true;

@@ -301,9 +301,24 @@ pub fn delete(root: &StateRoot, id: &str, force: bool) -> Result<()> {
         }
     }
     let cgroup_path = container.spec().ok().map(|c| c.cgroup_path);
-    container
-        .delete(force)
-        .ctx(|| format!("delete container {id}"))?;
+    // A killed process leaves its cgroups only once it has been reaped,
+    // a moment after cgroup.procs stopped listing it (one holding a GiB
+    // takes 100 ms and more to free it), and libcgroups gives up on the
+    // rmdir after about 100 ms: try again, the state dir is still there
+    // and the cgroups already removed stay removed.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match container.delete(force) {
+            Ok(()) => break,
+            Err(libcontainer::error::LibcontainerError::CgroupManager(e))
+                if force && std::time::Instant::now() < deadline =>
+            {
+                tracing::debug!("delete {id}: cgroup still busy ({e}), again");
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(e) => return Err(e).ctx(|| format!("delete container {id}")),
+        }
+    }
     if let Some(path) = cgroup_path {
         remove_empty_migrun_parent(&path);
     }
