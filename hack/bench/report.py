@@ -194,12 +194,17 @@ def main():
                            "y_label": "ms", "groups": [s for s in scen_order], "series": series})
     if crows:
         md.append("### What the client saw\n")
+        loopback = "127.0.0.1" in env["client"]
         md.append("Client: " + env["client"] + ". Requests per second over the whole client window (baseline "
                   "before, the migration, 2 s after); *failed*: errors and bad answers; *re-sent*: requests whose "
-                  "connection died with the container's old network namespace, sent again in the new one and "
-                  "timed from their first sending (a client of a service address would keep its migrated TCP "
-                  "connection instead); latency over all answered requests; *longest stall*: the longest time "
-                  "without any answer.\n")
+                  "connection died during the move, sent again on a new connection and timed from their first "
+                  "sending"
+                  + (" (over the loopback of the container's old network namespace no connection can survive)"
+                     if loopback else
+                     " (the containers run by migrun keep their migrated TCP connections; Docker's containers get "
+                     "a new address from the target daemon, so their client reconnects)")
+                  + "; latency over all answered requests; *longest stall*: the longest time without any "
+                  "answer.\n")
         md.append(table(["scenario", "way", "requests/s", "failed", "re-sent", "p50 (ms)", "p99 (ms)", "max (ms)",
                          "longest stall (ms)"], crows))
         md.append("")
@@ -479,19 +484,23 @@ def main():
                 "upper dir and config.json over the test-bed link, `migrun restore` on the other host"
                 + ("; Docker's own route is measured in *Docker to Docker* below.\n" if docker_ran else ".\n"))
     tail = ["## Known limits\n"]
-    tail.append("- The client reaches the service over the loopback of the container's own network namespace "
-                "(entered with setns from the host; the container's pid is looked up again after it moves), "
-                "because containers had no address on the test bed when this suite was written; set "
-                "`BENCH_SERVICE_ADDR` to run it from mr-client against a service address instead. A connection "
-                "into the old namespace cannot survive the move: its request is sent again (*re-sent*).\n"
-                "- A server that takes one connection per request (busybox httpd + CGI, scenario `cgi`, not in "
-                "the default list) cannot be migrated under load yet: CRIU refuses connections still in the "
-                "listening socket's accept queue (`inet: In-flight connection`), for migrate-out and checkpoint "
-                "alike; migrun does not pass CRIU's `--skip-in-flight`. The dynamic-web scenario therefore uses "
-                "a keep-alive app server.\n"
+    if "127.0.0.1" in env["client"]:
+        tail.append("- This run's client reached the service over the loopback of the container's own network "
+                    "namespace (entered with setns from the host, `BENCH_SERVICE_ADDR` set empty): a connection "
+                    "into the old namespace cannot survive the move, so its request is sent again (*re-sent*).\n")
+    else:
+        tail.append("- Containers run by migrun serve the client from a service address on the test bed "
+                    "(`hack/netctr.sh`): migrate-in, and by hand `migrun restore --bridge`, plug the restored veth "
+                    "into the target host's bridge inside the restore and the container announces its address "
+                    "with gratuitous ARP; the client's TCP connections move with it.\n")
+    tail.append("- A server that takes one connection per request (busybox httpd + CGI, scenario `cgi`, not in "
+                "the default list) under load: CRIU refuses connections still in the listening socket's accept "
+                "queue (`inet: In-flight connection`) unless told to skip them; migrate-out passes "
+                "`--skip-in-flight` (such a client connects again), `migrun checkpoint` does as runc and does not. "
+                "The dynamic-web scenario uses a keep-alive app server.\n"
                 + ("- Docker's two daemons run on one host (their transfers go through the test bed's link); the "
-                   "Docker containers' client runs in their network namespace as above, found through each "
-                   "daemon's inspect (Engine API).\n" if docker_ran else
+                   "Docker containers' client runs in their network namespace, over its loopback, found through "
+                   "each daemon's inspect (Engine API) again after the move.\n" if docker_ran else
                    "- Docker's own route (`docker checkpoint create`, copy, `docker start --checkpoint`) is not run "
                    "here (the suite's part `docker`, which needs `make docker-up docker-up-b`); the by-hand route "
                    "runs the same steps with migrun's CLI.\n"))

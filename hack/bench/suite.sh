@@ -45,7 +45,14 @@
 # The client (hack/bench/loadgen.py) runs from the root namespace inside the
 # container's network namespace (re-resolved with `migrun state`, or for
 # Docker containers the daemons' Engine API, when the container moves;
-# failures and stalls count as downtime seen by the client), or, with BENCH_SERVICE_ADDR=IP set, in mr-client against IP.
+# failures and stalls count as downtime seen by the client). Containers run
+# by migrun that serve a client get the service address BENCH_SERVICE_ADDR
+# on the test bed (hack/netctr.sh; migrate-in --bridge and, by hand,
+# restore --bridge move it along) and the client runs in
+# mr-client against it, so its TCP connections are migrated with the
+# container. Docker containers get a new address from the target daemon:
+# their client runs from the root namespace inside the container's network
+# namespace (re-resolved through the daemons' Engine API when it moves).
 # Every migration writes RESULTS/runs/PART-SCENARIO-WAY-RUN.json; at the end
 # hack/bench/report.py writes RESULTS/summary.json, the charts (benchplot)
 # and docs/benchmarks.md.
@@ -64,7 +71,9 @@
 #   BENCH_LINKS          "100mbit 1gbit 10gbit" [100mbit 1gbit]
 #   BENCH_LINK_MIB       256 [64];    BENCH_LINK_DIRTY 2
 #   BENCH_MIGRATE_TIMEOUT seconds per migration, 300
-#   BENCH_SERVICE_ADDR   a service address to reach containers at (issue 6)
+#   BENCH_SERVICE_ADDR   the service address of containers with a client,
+#                        10.77.0.100 (empty: the client in the container's
+#                        netns over its loopback, as before)
 #   BENCH_DOCS           write docs/benchmarks.md and docs/img (1)
 # Dirty rate 0 means "none": the dirtier gets 0.0001 MiB/s (its own 0 is
 # "as fast as the CPU allows").
@@ -103,7 +112,9 @@ read -r -a LINKS <<<"${BENCH_LINKS:-$(q "100mbit 1gbit 10gbit" "100mbit 1gbit")}
 LINK_MIB=${BENCH_LINK_MIB:-$(q 256 64)}
 LINK_DIRTY=${BENCH_LINK_DIRTY:-2}
 MIGRATE_TIMEOUT=${BENCH_MIGRATE_TIMEOUT:-300}
-SERVICE_ADDR=${BENCH_SERVICE_ADDR:-}
+# unset: the default address; set empty: the loopback client of before
+SERVICE_ADDR=${BENCH_SERVICE_ADDR-10.77.0.100}
+HAS_ADDR=0      # the current container has SERVICE_ADDR (hack/netctr.sh)
 WRITE_DOCS=${BENCH_DOCS:-1}
 PORT=7272
 COPY_PORT=7300
@@ -330,7 +341,7 @@ start_migrate_in() {
     local side=$1 logf=$2 ns=${NS[$1]} addr=${ADDR[$1]}
     shift 2
     timeout -k 10 $((MIGRATE_TIMEOUT + 60)) nsenter --net="/run/netns/$ns" -- \
-        "$MIGRUN_BIN" --root "${ROOT[$side]}" migrate-in --listen "$addr:$PORT" \
+        "$MIGRUN_BIN" --root "${ROOT[$side]}" --log "${logf%.log}.trace.log" migrate-in --listen "$addr:$PORT" \
         --key "$WORK/bench.key" --once --work-dir "${INDIR[$side]}" "$@" >"$logf" 2>&1 &
     IN_PID=$!
     local deadline=$((SECONDS + 15))
@@ -352,7 +363,7 @@ start_client() {
         redis) a=(--proto redis --port 6379 --conns 4 --rate "$REDIS_SETS" --keys "$REDIS_KEYS" --value-size 1000) ;;
         *) return 0 ;;
     esac
-    if [[ -n $SERVICE_ADDR ]]; then
+    if ((HAS_ADDR)); then
         a+=(--host "$SERVICE_ADDR")
         nsenter --net="/run/netns/$TESTBED_NS_CLIENT" -- python3 "$LOADGEN" "${a[@]}" --out "$f" --ready-file "$f.ready" 2>"$f.log" &
     else
@@ -388,7 +399,7 @@ scenario_cmd() {
         dynamic) image=pyapp; args=(python3 /app/server.py) ;;
         cgi) image=cgi; args=(httpd -f -p 8080 -h /www) ;;
         cpu) image=cpu; args=(sh -c 'stress-ng --cpu 1 --cpu-load 40 --vm 1 --vm-bytes 64M --quiet --timeout 0 & exec sysbench cpu --threads=1 --time=0 --report-interval=1 run >/tmp/sysbench.log 2>&1') ;;
-        redis) image=redis; args=(redis-server --port 6379 --bind 127.0.0.1 --save "" --appendonly no --protected-mode no --enable-debug-command yes --daemonize no) ;;
+        redis) image=redis; args=(redis-server --port 6379 --bind 0.0.0.0 --save "" --appendonly no --protected-mode no --enable-debug-command yes --daemonize no) ;;
         mem|dirtier*) image=dirtier
             [[ $drate != 0 ]] || drate=0.0001
             args=(/dirtier "$mib" "$drate") ;;
@@ -398,10 +409,14 @@ scenario_cmd() {
     SC_ARGS=("${args[@]}")
 }
 
+# has_client SCENARIO: whether the scenario has a client (a service).
+has_client() { [[ $1 == static || $1 == dynamic || $1 == cgi || $1 == redis ]]; }
+
 start_scenario() {
     local s=$1 id=$2 mib=${3:-} drate=${4:-}
     scenario_cmd "$s" "$mib" "$drate" || return 1
     LOC=a
+    HAS_ADDR=0
     if ((DOCKER_MODE)); then
         docker_run_scenario "$id" || return 1
     else
@@ -409,8 +424,13 @@ start_scenario() {
         make_bundle "$BUNDLE" "$SC_IMAGE" "${SC_ARGS[@]}" || return 1
         timeout 30 "$MIGRUN_BIN" --root "${ROOT[a]}" --log "$OUT/logs/$id.run.log" run -d -b "$BUNDLE" "$id" </dev/null >/dev/null 2>&1 \
             || { echo "migrun run failed: $(tail_of "$OUT/logs/$id.run.log")"; return 1; }
-        # the loopback of the container's netns (nginx and redis listen on it)
+        # the loopback of the container's netns (the readiness checks use it)
         in_ct "$id" ip link set lo up 2>/dev/null || true
+        if [[ -n $SERVICE_ADDR ]] && has_client "$s"; then
+            MIGRUN_BIN=$MIGRUN_BIN bash "$HACK_DIR/netctr.sh" attach "${ROOT[a]}" "$id" "$SERVICE_ADDR/24" "${NS[a]}" \
+                >"$WORK/netctr.log" 2>&1 || { echo "netctr.sh attach failed: $(tail_of "$WORK/netctr.log")"; return 1; }
+            HAS_ADDR=1
+        fi
     fi
     case $s in
         static|dynamic|cgi) wait_until 20 in_ct "$id" busybox wget -q -O /dev/null "http://127.0.0.1:8080/" \
@@ -590,6 +610,14 @@ docker_by_hand() {
         "created (docker create)" "$M_CR" "restored (docker start --checkpoint)" "$M_T1" >"$WORK/stats.json"
 }
 
+# announce_restored SIDE ID: the restored container announces its service
+# address (gratuitous ARP), as migrate-in does after a network move.
+announce_restored() {
+    local pid
+    pid="$(mr --root "${ROOT[$1]}" state "$2" | jq -r .pid)"
+    nsenter --net="/proc/$pid/ns/net" -- busybox arping -U -c 1 -I eth0 "$SERVICE_ADDR" >/dev/null 2>&1 || true
+}
+
 # by_hand_stats EXTRA_JSON T0 NAME TIME...: the figures of a by-hand
 # migration started at T0 (seconds since the epoch), through the named
 # phases; the last one ends it (total = downtime). EXTRA_JSON's fields are
@@ -621,13 +649,15 @@ migrate() {
             [[ $way != stop ]] || opt=(--no-precopy)
             # Docker: the container of daemon SRC, rebuilt in daemon DST
             [[ $way != dmigrun ]] || { opt=(--docker-host "${DH[$src]}"); in_opt=(--docker-host "${DH[$dst]}"); }
+            # the service address moves along: the veth onto the host's bridge
+            ((!HAS_ADDR)) || in_opt+=(--bridge mrbr)
             local attempt stopped=""
             for attempt in 1 2; do
                 rc=0
                 start_migrate_in "$dst" "$logs/$tag.in.log" "${in_opt[@]}" >"$WORK/msg" || { cat "$WORK/msg"; return 1; }
                 M_T0=$(now)
                 timeout -k 10 "$MIGRATE_TIMEOUT" nsenter --net="/run/netns/${NS[$src]}" -- \
-                    "$MIGRUN_BIN" --root "${ROOT[$src]}" migrate-out "$id" --to "${ADDR[$dst]}:$PORT" \
+                    "$MIGRUN_BIN" --root "${ROOT[$src]}" --log "$logs/$tag.out.trace.log" migrate-out "$id" --to "${ADDR[$dst]}:$PORT" \
                     --key "$WORK/bench.key" --stats-json "$stats" --work-dir "${OUTDIR[$src]}" "${opt[@]}" \
                     </dev/null >"$logs/$tag.out.log" 2>&1 || rc=$?
                 M_T1=$(now)
@@ -713,10 +743,15 @@ migrate() {
             fi
             mount -t overlay overlay -o "lowerdir=$IMG_LOWER,upperdir=$hd/upper,workdir=$hd/work" "$hd/rootfs" \
                 || { echo "overlay on the target failed"; return 1; }
+            local bridge=()
+            ((!HAS_ADDR)) || bridge=(--bridge mrbr)
             nsenter --net="/run/netns/${NS[$dst]}" -- timeout "$MIGRATE_TIMEOUT" "$MIGRUN_BIN" --root "${ROOT[$dst]}" \
-                restore -d --tcp-established --image-path "$hd/img" -b "$hd" "$id" \
+                restore -d --tcp-established "${bridge[@]}" --image-path "$hd/img" -b "$hd" "$id" \
                 </dev/null >/dev/null 2>"$logs/$tag.restore.log" \
                 || { echo "restore failed: $(tail_of "$logs/$tag.restore.log")"; return 1; }
+            # restore --bridge put the veth's outside end (CRIU made it in
+            # DST's namespace) on the host's bridge; the address moved
+            ((!HAS_ADDR)) || announce_restored "$dst" "$id"
             M_T1=$(now)
             mr --root "${ROOT[$src]}" delete -f "$id" >/dev/null 2>&1 || true
             rm -rf "$img" "$hd/img"
@@ -923,7 +958,7 @@ jq -n --arg date "$(date -Is)" --arg kernel "$(uname -r)" \
     --arg quick "$QUICK" --arg runs "$RUNS" --arg rate "$RATE" \
     --arg commit "$(git -C "$REPO_ROOT" describe --always --dirty 2>/dev/null || echo unknown)" \
     --arg migrun "$MIGRUN_SRC (sha256 $(sha256sum "$MIGRUN_BIN" | cut -c1-16))" \
-    --arg client "$([[ -n $SERVICE_ADDR ]] && echo "mr-client -> $SERVICE_ADDR" || echo "root netns, setns into the container's netns, 127.0.0.1")" \
+    --arg client "$([[ -n $SERVICE_ADDR ]] && echo "mr-client (10.77.0.10) -> the service address $SERVICE_ADDR on the test bed, moved with the container" || echo "root netns, setns into the container's netns, 127.0.0.1")" \
     --arg images "$(for i in "$IMAGES"/*/size_mib; do printf '%s=%s MiB ' "$(basename "$(dirname "$i")")" "$(cat "$i")"; done)" \
     '{date: $date, kernel: $kernel, cpu: $cpu, memory: $mem, os: $os, criu: $criu,
       load_average_start: $load_start, load_average_end: $load_end, duration_s: ($duration_s | tonumber),
