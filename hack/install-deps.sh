@@ -33,7 +33,7 @@ SRC_PIN=/etc/apt/preferences.d/migrun-criu-src
 OLD_SRC_FILES=(/etc/apt/sources.list.d/migrun-trixie-src.list /etc/apt/preferences.d/migrun-trixie-src)
 
 PACKAGES=(
-    docker.io containerd runc crun busybox-static iproute2 hyperfine iptables
+    docker.io containerd runc crun busybox-static iproute2 hyperfine iptables nftables
     libseccomp-dev pkg-config jq util-linux procps psmisc python3
     file kmod tar xz-utils ca-certificates time gcc libc6-dev
 )

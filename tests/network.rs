@@ -467,6 +467,16 @@ fn failed_network_move_leaves_the_source_serving() {
         !rules.contains("CRIU") && !rules.contains("MIGRUN"),
         "rules left in the source container: {rules}"
     );
+    let tables = Command::new("nsenter")
+        .arg(format!("--net=/proc/{pid}/ns/net"))
+        .args(["--", "nft", "list", "tables"])
+        .output()
+        .expect("nft list tables");
+    let tables = String::from_utf8_lossy(&tables.stdout).into_owned();
+    assert!(
+        !tables.contains("CRIU"),
+        "nftables lock left in the source container: {tables}"
+    );
     assert!(dst.run(&["list", "-q"]).stdout.is_empty());
 }
 

@@ -35,22 +35,38 @@ fn major(version: &str) -> u32 {
         .unwrap_or(0)
 }
 
-/// Versions already asked in this process, by path and file identity
-/// (device, inode, size, mtime): running `criu --version` costs ~20 ms,
-/// which a migration must not pay inside its downtime.
-type VersionCache = Mutex<HashMap<(PathBuf, u64, u64, u64, i64), String>>;
+/// What identifies a binary file: path, device, inode, size and mtime.
+type FileKey = (PathBuf, u64, u64, u64, i64);
+
+fn file_key(path: &Path) -> Option<FileKey> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path)
+        .ok()
+        .map(|m| (path.to_path_buf(), m.dev(), m.ino(), m.size(), m.mtime()))
+}
+
+/// Versions already asked in this process, by file identity: running
+/// `criu --version` costs ~20 ms, which a migration must not pay inside
+/// its downtime.
+type VersionCache = Mutex<HashMap<FileKey, String>>;
 
 fn version_cache() -> &'static VersionCache {
     static CACHE: OnceLock<VersionCache> = OnceLock::new();
     CACHE.get_or_init(|| Mutex::new(HashMap::new()))
 }
 
+/// `criu check --feature` answers already asked in this process, by file
+/// identity and feature.
+type FeatureCache = Mutex<HashMap<(FileKey, String), bool>>;
+
+fn feature_cache() -> &'static FeatureCache {
+    static CACHE: OnceLock<FeatureCache> = OnceLock::new();
+    CACHE.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
 /// Version of the binary at `path`, if it runs.
 fn version_of(path: &Path) -> Option<String> {
-    use std::os::unix::fs::MetadataExt;
-    let key = std::fs::metadata(path)
-        .ok()
-        .map(|m| (path.to_path_buf(), m.dev(), m.ino(), m.size(), m.mtime()));
+    let key = file_key(path);
     if let Some(k) = &key {
         if let Some(v) = version_cache().lock().ok().and_then(|c| c.get(k).cloned()) {
             return Some(v);
@@ -116,6 +132,30 @@ impl CriuBinary {
             .output()
             .map(|o| o.status.success())
             .unwrap_or(false)
+    }
+
+    /// [`has_feature`](Self::has_feature), asked once per binary in this
+    /// process (a few ms each time otherwise).
+    pub fn has_feature_cached(&self, name: &str) -> bool {
+        let key = file_key(&self.path).map(|k| (k, name.to_string()));
+        if let Some(k) = &key {
+            if let Some(v) = feature_cache().lock().ok().and_then(|c| c.get(k).copied()) {
+                return v;
+            }
+        }
+        let has = self.has_feature(name);
+        if let (Some(k), Ok(mut cache)) = (key, feature_cache().lock()) {
+            cache.insert(k, has);
+        }
+        has
+    }
+
+    /// Whether CRIU can lock a network namespace with nftables (libnftables
+    /// in process) instead of iptables-restore runs (a fork and exec of
+    /// iptables- and ip6tables-restore on dump and again on restore: about
+    /// 40 ms of a migration's downtime here).
+    pub fn has_nftables_lock(&self) -> bool {
+        self.has_feature_cached("network_lock_nftables")
     }
 
     /// Errors unless the kernel tracks dirty memory the way CRIU's pre-dump needs.

@@ -177,6 +177,42 @@ fn configure(dir: &Path, lines: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// A file in an image directory saying its dump locked the network
+/// namespace with nftables: the restore must unlock it the same way.
+pub const NFTABLES_LOCK_MARKER: &str = "migrun-netlock-nftables";
+
+/// The CRIU config line choosing how a dump locks a network namespace: not
+/// at all when `skip` (nothing but loopback in it), with nftables where
+/// this CRIU can (recorded in `image_dir` for the restore), else CRIU's
+/// default (iptables).
+fn dump_network_lock(
+    bin: &CriuBinary,
+    skip: bool,
+    image_dir: &Path,
+) -> Result<Option<&'static str>> {
+    if skip {
+        return Ok(Some("network-lock skip"));
+    }
+    if !bin.has_nftables_lock() {
+        return Ok(None);
+    }
+    let marker = image_dir.join(NFTABLES_LOCK_MARKER);
+    std::fs::write(&marker, b"").map_err(io_err(format!("write {}", marker.display())))?;
+    Ok(Some("network-lock nftables"))
+}
+
+/// The restore's counterpart of [`dump_network_lock`]: the lock the dump
+/// left in the namespace's rules is removed the way it was made.
+fn restore_network_lock(skip: bool, image_dir: &Path) -> Option<&'static str> {
+    if skip {
+        Some("network-lock skip")
+    } else if image_dir.join(NFTABLES_LOCK_MARKER).exists() {
+        Some("network-lock nftables")
+    } else {
+        None
+    }
+}
+
 /// Opens a directory for CRIU, keeping the file alive while CRIU runs.
 fn open_dir(path: &Path) -> Result<File> {
     File::open(path).map_err(io_err(format!("open {}", path.display())))
@@ -266,12 +302,10 @@ pub fn dump(bin: &CriuBinary, req: &DumpRequest) -> Result<()> {
     for ext in &req.externals {
         criu.add_external(ext.clone());
     }
-    let lines: &[&str] = if req.network_lock_skip {
-        &["network-lock skip"]
-    } else {
-        &[]
-    };
-    configure(req.work_dir.as_ref().unwrap_or(&req.image_dir), lines)?;
+    let lines: Vec<&str> = dump_network_lock(bin, req.network_lock_skip, &req.image_dir)?
+        .into_iter()
+        .collect();
+    configure(req.work_dir.as_ref().unwrap_or(&req.image_dir), &lines)?;
     criu.dump().map_err(|e| failed("dump", log, e))
 }
 
@@ -368,10 +402,9 @@ fn restore_inner(bin: &CriuBinary, req: &RestoreRequest) -> Result<i32> {
         criu.add_inherit_fd(*fd, key.clone())
             .map_err(|e| CriuError::Unsupported(e.to_string()))?;
     }
-    let mut lines = Vec::new();
-    if req.network_lock_skip {
-        lines.push("network-lock skip");
-    }
+    let mut lines: Vec<&str> = restore_network_lock(req.network_lock_skip, &req.image_dir)
+        .into_iter()
+        .collect();
     if req.leave_stopped {
         lines.push("leave-stopped");
     }
@@ -389,5 +422,26 @@ fn restore_inner(bin: &CriuBinary, req: &RestoreRequest) -> Result<i32> {
             log,
         }),
         pid => Ok(pid),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restore_unlocks_the_network_the_way_the_dump_locked_it() {
+        let dir = tempfile::tempdir().expect("tmp");
+        assert_eq!(
+            restore_network_lock(true, dir.path()),
+            Some("network-lock skip")
+        );
+        // An image of before, or of a CRIU without nftables: iptables.
+        assert_eq!(restore_network_lock(false, dir.path()), None);
+        std::fs::write(dir.path().join(NFTABLES_LOCK_MARKER), b"").expect("marker");
+        assert_eq!(
+            restore_network_lock(false, dir.path()),
+            Some("network-lock nftables")
+        );
     }
 }

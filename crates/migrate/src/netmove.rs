@@ -203,8 +203,33 @@ pub fn release(root: &StateRoot, id: &str) {
                 tracing::info!(pid, tool, chain, "iptables chain removed");
             }
         }
+        // CRIU's nftables lock: a table `inet CRIU-<id>`.
+        let tables = std::process::Command::new("nft")
+            .args(["list", "tables", "inet"])
+            .stderr(std::process::Stdio::null())
+            .output();
+        if let Ok(out) = tables {
+            for table in criu_lock_tables(&String::from_utf8_lossy(&out.stdout)) {
+                let _ = std::process::Command::new("nft")
+                    .args(["delete", "table", "inet", &table])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .status();
+                tracing::info!(pid, table, "nftables lock table removed");
+            }
+        }
         Ok(())
     });
+}
+
+/// The names of CRIU's lock tables in `nft list tables inet` output.
+fn criu_lock_tables(listing: &str) -> Vec<String> {
+    listing
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("table inet "))
+        .filter(|name| name.starts_with("CRIU-"))
+        .map(str::to_string)
+        .collect()
 }
 
 /// Feeds `rules` to `iptables-restore --noflush` (the calling thread's
@@ -414,5 +439,11 @@ mod tests {
         let e = parse_tcp_line(est).expect("est");
         assert_eq!(e.queued, 0);
         assert!(parse_tcp_line("garbage").is_none());
+    }
+
+    #[test]
+    fn only_criu_lock_tables_are_picked() {
+        let listing = "table inet filter\ntable inet CRIU-4242\ntable inet CRIUX\n";
+        assert_eq!(criu_lock_tables(listing), vec!["CRIU-4242".to_string()]);
     }
 }

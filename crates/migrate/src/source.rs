@@ -651,8 +651,8 @@ async fn migrate(
     let spec = load_bundle_spec(&bundle)?;
     let config = fs::read_to_string(bundle.join("config.json"))
         .map_err(|e| MigrateError::Source(format!("read config.json: {e}")))?;
-    // Found (and its version asked) now, not inside the downtime.
-    checkpoint::criu_binary(&opts.criu)?;
+    // Found (its version and network lock asked) now, not in the downtime.
+    checkpoint::criu_binary(&opts.criu)?.has_nftables_lock();
     let key = migrun_wire::load_key(&opts.key)?;
     let ch = migrun_wire::connect(opts.to.as_str(), &key).await?;
     if let Some(mbit) = opts.bandwidth_mbit {
