@@ -26,8 +26,9 @@
 //! killed CRIU dump leaves behind, for a source that takes its container
 //! back after a failed migration.
 
-use std::fs::File;
+use std::fs::{self, File};
 use std::net::Ipv4Addr;
+use std::path::Path;
 use std::time::Duration;
 
 use migrun_runtime::checkpoint;
@@ -58,7 +59,12 @@ pub struct Moved {
 /// `bridge` (in this process's network namespace), brings them up and
 /// announces the container's IPv4 addresses with gratuitous ARP. Without a
 /// bridge it only says which outside ends were left unattached.
-pub fn after_restore(root: &StateRoot, id: &str, bridge: Option<&str>) -> Result<Moved> {
+pub fn after_restore(
+    root: &StateRoot,
+    id: &str,
+    bridge: Option<&str>,
+    hold: QuiesceInImages,
+) -> Result<Moved> {
     let container = root.load(id)?;
     let pid = container
         .pid()
@@ -101,11 +107,14 @@ pub fn after_restore(root: &StateRoot, id: &str, bridge: Option<&str>) -> Result
     }
     let ns = File::open(format!("/proc/{pid}/ns/net"))
         .map_err(|e| MigrateError::Target(format!("network namespace of {id}: {e}")))?;
-    // The source's hold on new connections came along with its iptables.
-    in_netns(&ns, || {
-        iptables_restore(&format!("*filter\n:{QUIESCE_CHAIN} - [0:0]\nCOMMIT\n"))
-    })
-    .map_err(|e| MigrateError::Target(format!("let connections into {id} again: {e}")))?;
+    // The source's hold on new connections came along with its rules,
+    // unless it was taken out of the images before the restore.
+    if hold == QuiesceInImages::Unknown {
+        in_netns(&ns, || {
+            iptables_restore(&format!("*filter\n:{QUIESCE_CHAIN} - [0:0]\nCOMMIT\n"))
+        })
+        .map_err(|e| MigrateError::Target(format!("let connections into {id} again: {e}")))?;
+    }
     let names: Vec<String> = moved.veths.iter().map(|(i, _)| i.clone()).collect();
     moved.announced = in_netns(&ns, {
         let names = names.clone();
@@ -220,6 +229,90 @@ pub fn release(root: &StateRoot, id: &str) {
         }
         Ok(())
     });
+}
+
+/// What the images of a network namespace held of the source's hold on
+/// new connections ([`quiesce`]), after [`unquiesce_images`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuiesceInImages {
+    /// No hold in the images (nothing listened, or no namespace of its own).
+    NotHeld,
+    /// The hold's rules were taken out: the restored namespace lets new
+    /// connections in at once (the kernel queues them while the restored
+    /// processes are stopped), and nothing is left to run after the restore.
+    Released,
+    /// The chain is in the images in a form not recognised: empty it in the
+    /// restored namespace (an iptables-restore run).
+    Unknown,
+}
+
+/// Takes the rules of the source's hold on new connections out of the
+/// netfilter images in `image_dir` (CRIU keeps nftables as `nft list
+/// ruleset` text and legacy iptables as `iptables-save` text), leaving the
+/// chain empty: before the restore, for the cost of a string edit, instead
+/// of an iptables-restore run in the downtime after it.
+pub fn unquiesce_images(image_dir: &Path) -> Result<QuiesceInImages> {
+    let mut seen = false;
+    let mut released = false;
+    let entries = fs::read_dir(image_dir)
+        .map_err(|e| MigrateError::Target(format!("read {}: {e}", image_dir.display())))?;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let netfilter = ["nftables-", "iptables-", "ip6tables-"]
+            .iter()
+            .any(|p| name.starts_with(p))
+            && name.ends_with(".img");
+        if !netfilter {
+            continue;
+        }
+        let path = entry.path();
+        let Ok(text) = fs::read_to_string(&path) else {
+            continue;
+        };
+        if !text.contains(QUIESCE_CHAIN) {
+            continue;
+        }
+        seen = true;
+        if let Some(edited) = drop_quiesce_rules(&text) {
+            fs::write(&path, edited)
+                .map_err(|e| MigrateError::Target(format!("write {}: {e}", path.display())))?;
+            released = true;
+        }
+    }
+    Ok(match (seen, released) {
+        (false, _) => QuiesceInImages::NotHeld,
+        (true, true) => QuiesceInImages::Released,
+        (true, false) => QuiesceInImages::Unknown,
+    })
+}
+
+/// `text` without the rules of [`QUIESCE_CHAIN`] (the chain and the jumps
+/// to it stay, empty chains let everything through), or None when it has
+/// none in a form recognised here.
+fn drop_quiesce_rules(text: &str) -> Option<String> {
+    let mut out = String::with_capacity(text.len());
+    let mut dropped = false;
+    let mut in_chain = false;
+    let rule_prefix = format!("-A {QUIESCE_CHAIN} ");
+    let chain_head = format!("chain {QUIESCE_CHAIN} {{");
+    for line in text.split_inclusive('\n') {
+        let t = line.trim();
+        if in_chain {
+            if t == "}" {
+                in_chain = false;
+            } else {
+                dropped |= !t.is_empty();
+                continue;
+            }
+        } else if t == chain_head {
+            in_chain = true;
+        } else if t.starts_with(&rule_prefix) {
+            dropped = true;
+            continue;
+        }
+        out.push_str(line);
+    }
+    dropped.then_some(out)
 }
 
 /// The names of CRIU's lock tables in `nft list tables inet` output.
@@ -439,6 +532,23 @@ mod tests {
         let e = parse_tcp_line(est).expect("est");
         assert_eq!(e.queued, 0);
         assert!(parse_tcp_line("garbage").is_none());
+    }
+
+    #[test]
+    fn quiesce_rules_leave_nft_and_iptables_save_text() {
+        let nft = "table ip filter {\n\tchain MIGRUN-QUIESCE {\n\t\ttcp flags syn / fin,syn,rst,ack counter packets 0 bytes 0 drop\n\t}\n\n\tchain INPUT {\n\t\ttype filter hook input priority filter; policy accept;\n\t\tcounter packets 0 bytes 0 jump MIGRUN-QUIESCE\n\t}\n}\n";
+        let edited = drop_quiesce_rules(nft).expect("nft rules dropped");
+        assert!(!edited.contains("drop"), "{edited}");
+        assert!(edited.contains("chain MIGRUN-QUIESCE {\n\t}"), "{edited}");
+        assert!(edited.contains("jump MIGRUN-QUIESCE"), "{edited}");
+        let save = "*filter\n:INPUT ACCEPT [0:0]\n:MIGRUN-QUIESCE - [0:0]\n-A INPUT -j MIGRUN-QUIESCE\n-A MIGRUN-QUIESCE -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j DROP\nCOMMIT\n";
+        let edited = drop_quiesce_rules(save).expect("iptables rules dropped");
+        assert!(!edited.contains("DROP"), "{edited}");
+        assert!(
+            edited.contains(":MIGRUN-QUIESCE - [0:0]\n-A INPUT -j MIGRUN-QUIESCE\nCOMMIT"),
+            "{edited}"
+        );
+        assert!(drop_quiesce_rules("table inet other {\n}\n").is_none());
     }
 
     #[test]

@@ -7,7 +7,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use migrun_runtime::checkpoint::{self, RestoreOptions};
 use migrun_runtime::{lifecycle, StateRoot};
@@ -549,12 +549,15 @@ async fn receive_into(
                 if let Some(digests) = &overlay_layers {
                     mount_overlay(&layer_store, digests, &bundle)?;
                 }
+                let t_overlay = t.elapsed();
                 let lazy = start_lazy_pages(opts, &image_dir, &mut store)?;
                 if lazy.is_none() {
                     let filled = images::complete_images(&image_dir, &store)?;
                     tracing::info!(filled, "images completed");
                 }
                 drop(std::mem::take(&mut store));
+                let hold = crate::netmove::unquiesce_images(&image_dir)?;
+                let t_lazy = t.elapsed();
                 let restored = checkpoint::restore(
                     root,
                     &RestoreOptions {
@@ -581,16 +584,17 @@ async fn receive_into(
                     return Err(e.into());
                 }
                 inc.restored = true;
-                crate::netmove::after_restore(root, &id, opts.bridge.as_deref())?;
+                let t_criu = t.elapsed();
+                crate::netmove::after_restore(root, &id, opts.bridge.as_deref(), hold)?;
                 inc.lazy = lazy;
-                if let Some(merged) = inc.overlay.take() {
-                    // The container's mount namespace holds the overlay now;
-                    // it goes away with the container.
-                    let _ = nix::mount::umount2(&merged, nix::mount::MntFlags::MNT_DETACH);
-                }
+                let ms = |d: Duration| d.as_secs_f64() * 1000.0;
                 eprintln!(
-                    "migrate-in: restored {id} in {:.0} ms{}",
-                    t.elapsed().as_secs_f64() * 1000.0,
+                    "migrate-in: restored {id} in {:.0} ms (overlay {:.0}, memory set-up {:.0}, criu restore {:.0}, network {:.0} ms){}",
+                    ms(t.elapsed()),
+                    ms(t_overlay),
+                    ms(t_lazy - t_overlay),
+                    ms(t_criu - t_lazy),
+                    ms(t.elapsed() - t_criu),
                     if inc.lazy.is_some() {
                         " (memory follows from the page store)"
                     } else {
@@ -598,6 +602,12 @@ async fn receive_into(
                     }
                 );
                 ch.send(&Message::Ack).await?;
+                if let Some(merged) = inc.overlay.take() {
+                    // The container's mount namespace holds the overlay now;
+                    // it goes away with the container (an unmount costs
+                    // milliseconds: not in the downtime).
+                    let _ = nix::mount::umount2(&merged, nix::mount::MntFlags::MNT_DETACH);
+                }
                 // The images are no longer needed; the bundle stays: it is the container's.
                 let _ = fs::remove_dir_all(&image_dir);
                 // The source removes its copy, then says Done: only then does
