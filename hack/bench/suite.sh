@@ -766,7 +766,14 @@ migrate() {
     LOC=$dst
     local st
     st="$(ct_status "$id")" || st=""
-    [[ $st == running ]] || { echo "$id is '${st:-missing}' on ${LOC^^} after the migration"; return 1; }
+    if [[ $st != running ]]; then
+        local why=""
+        if ((DOCKER_MODE)); then
+            why=" ($(dk "${DH[$LOC]}" inspect -f 'exit code {{.State.ExitCode}}, error "{{.State.Error}}", OOM killed {{.State.OOMKilled}}' "$id" 2>&1 | head -c 300); its last output: $(dk "${DH[$LOC]}" logs --tail 5 "$id" 2>&1 | tr '\n' ' ' | head -c 600))"
+        fi
+        echo "$id is '${st:-missing}' on ${LOC^^} after the migration$why"
+        return 1
+    fi
 }
 
 # one PART SCENARIO WAY RUN ID [EXTRA_JSON]: one measured migration.

@@ -542,7 +542,7 @@ async fn receive_into(
                     return Err(MigrateError::Protocol("commit before start".into()));
                 }
                 if inc.docker.is_some() {
-                    return docker_commit(root, &image_dir, store, ch, inc).await;
+                    return docker_commit(opts, &image_dir, store, ch, inc).await;
                 }
                 let t = Instant::now();
                 eprintln!("migrate-in: restoring {id}");
@@ -628,25 +628,7 @@ async fn receive_into(
                 checkpoint::continue_container(root, &id)?;
                 let _ = ch.send(&Message::Ack).await;
                 if let Some(lazy) = inc.lazy.take() {
-                    // The container runs; its memory is being put in place.
-                    // Nothing may end this process before that is done.
-                    let filled = tokio::task::spawn_blocking(move || lazy.finish()).await;
-                    match filled {
-                        Ok(Ok((pages, took))) => eprintln!(
-                            "migrate-in: memory of {id} in place: {pages} pages in {:.0} ms after the restore",
-                            took.as_secs_f64() * 1000.0
-                        ),
-                        Ok(Err(e)) => {
-                            return Err(MigrateError::Target(format!(
-                                "container {id} runs but its memory could not be completed: {e}"
-                            )))
-                        }
-                        Err(e) => {
-                            return Err(MigrateError::Target(format!(
-                                "waiting for the memory of {id}: {e}"
-                            )))
-                        }
-                    }
+                    memory_in_place(&id, lazy).await?;
                 }
                 return Ok(id);
             }
@@ -761,9 +743,9 @@ async fn docker_start(
 /// container's checkpoint directory and starts it from there through the
 /// daemon (stopped until the source let go: see LEAVE_STOPPED_MARKER).
 async fn docker_commit(
-    _root: &StateRoot,
+    opts: &InOptions,
     image_dir: &Path,
-    store: PageStore,
+    mut store: PageStore,
     ch: &mut Channel,
     inc: &mut Incoming,
 ) -> Result<String> {
@@ -781,8 +763,18 @@ async fn docker_commit(
         .unwrap_or_default()
         .trim_start_matches('/')
         .to_string();
-    images::complete_images(image_dir, &store)?;
+    // The memory stays out of the checkpoint that Docker and containerd
+    // copy around: a lazy-pages daemon here serves it to the restore that
+    // Docker runs (LAZY_PAGES_MARKER), from the page store.
+    let image_dir = fs::canonicalize(image_dir)
+        .map_err(|e| MigrateError::Target(format!("{}: {e}", image_dir.display())))?;
+    let image_dir = image_dir.as_path();
+    let lazy = start_lazy_pages(opts, image_dir, &mut store)?;
+    if lazy.is_none() {
+        images::complete_images(image_dir, &store)?;
+    }
     drop(store);
+    inc.lazy = lazy;
     let checkpoint = format!("migrun-{}", unique());
     let dir = dock
         .daemon
@@ -798,6 +790,15 @@ async fn docker_commit(
         .map_err(|e| io(image_dir, e))?
         .flatten()
     {
+        // The images only: not the daemon's socket and log.
+        if !entry.file_type().is_ok_and(|t| t.is_file())
+            || entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with("lazy-pages.")
+        {
+            continue;
+        }
         let to = dir.join(entry.file_name());
         fs::copy(entry.path(), &to).map_err(|e| io(&to, e))?;
     }
@@ -805,11 +806,20 @@ async fn docker_commit(
         let marker = dir.join(name);
         fs::write(&marker, b"").map_err(|e| io(&marker, e))?;
     }
+    if inc.lazy.is_some() {
+        let marker = dir.join(checkpoint::LAZY_PAGES_MARKER);
+        fs::write(&marker, image_dir.as_os_str().as_encoded_bytes()).map_err(|e| io(&marker, e))?;
+    }
     dock.daemon.start_from_checkpoint(&cid, &checkpoint).await?;
     inc.restored = true;
     eprintln!(
-        "migrate-in: restored {name} ({cid:.12}) through Docker in {:.0} ms",
-        t.elapsed().as_secs_f64() * 1000.0
+        "migrate-in: restored {name} ({cid:.12}) through Docker in {:.0} ms{}",
+        t.elapsed().as_secs_f64() * 1000.0,
+        if inc.lazy.is_some() {
+            " (memory follows from the page store)"
+        } else {
+            ""
+        }
     );
     ch.send(&Message::Ack).await?;
     match ch.recv().await {
@@ -831,11 +841,35 @@ async fn docker_commit(
     checkpoint::continue_container(&runtime, &cid)?;
     let _ = ch.send(&Message::Ack).await;
     let _ = fs::remove_dir_all(&dir);
+    if let Some(lazy) = inc.lazy.take() {
+        memory_in_place(&name, lazy).await?;
+    }
     let _ = fs::remove_dir_all(image_dir);
     // It is Docker's now: nothing to undo.
     dock.container = None;
     dock.loaded_image = false;
     Ok(name)
+}
+
+/// Waits until the lazy-pages daemon has put all of the memory of the
+/// running container `id` in place. Nothing may end this process before.
+async fn memory_in_place(id: &str, lazy: LazyPages) -> Result<()> {
+    let filled = tokio::task::spawn_blocking(move || lazy.finish()).await;
+    match filled {
+        Ok(Ok((pages, took))) => {
+            eprintln!(
+                "migrate-in: memory of {id} in place: {pages} pages in {:.0} ms after the restore",
+                took.as_secs_f64() * 1000.0
+            );
+            Ok(())
+        }
+        Ok(Err(e)) => Err(MigrateError::Target(format!(
+            "container {id} runs but its memory could not be completed: {e}"
+        ))),
+        Err(e) => Err(MigrateError::Target(format!(
+            "waiting for the memory of {id}: {e}"
+        ))),
+    }
 }
 
 /// Splits a layer file's wire path into its layer digest and relative path.

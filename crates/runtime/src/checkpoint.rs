@@ -246,6 +246,35 @@ fn loopback_only(pid: i32) -> bool {
 /// refuses the images ("Connected TCP socket in image").
 pub const TCP_CLOSE_MARKER: &str = "migrun-tcp-close";
 
+/// A file in an image directory naming (as its content) the work directory
+/// of a running `criu lazy-pages` daemon that serves these images' lazy
+/// pages: [`restore`] then restores lazily (CRIU's `--lazy-pages`) with that
+/// directory as its work directory, where the daemon's socket is. This is
+/// how a migration into a Docker daemon restores without the memory in the
+/// images: Docker and containerd copy the checkpoint around (a GiB of pages
+/// several times) and pass runc's flags only, none of which asks for lazy
+/// pages. Without the daemon's socket there the restore fails with a clear
+/// error instead of restoring processes without their memory.
+pub const LAZY_PAGES_MARKER: &str = "migrun-lazy-pages";
+
+/// The lazy-pages daemon's work directory named by `image_path`'s
+/// [`LAZY_PAGES_MARKER`], if any.
+fn lazy_pages_daemon(image_path: &Path) -> Result<Option<PathBuf>> {
+    let marker = image_path.join(LAZY_PAGES_MARKER);
+    let Ok(text) = fs::read_to_string(&marker) else {
+        return Ok(None);
+    };
+    let dir = PathBuf::from(text.trim());
+    if !dir.join("lazy-pages.socket").exists() {
+        return Err(RuntimeError::InvalidInput(format!(
+            "{}: the lazy-pages daemon of these images is gone (no socket in {}): its memory is not in the images",
+            image_path.display(),
+            dir.display()
+        )));
+    }
+    Ok(Some(dir))
+}
+
 /// Marker in an image directory: the network namespace was dumped empty
 /// (it had only loopback and no sockets, or `--empty-ns network` asked for
 /// it); restore restores it empty, runs the prestart hooks and brings
@@ -749,6 +778,7 @@ pub fn restore_with_stdio(
     let emptied = migrun_criu::images::check_image_dir(&opts.image_path).is_ok()
         && opts.image_path.join(NETNS_EMPTIED).exists();
     let empty_net = empty_net_ns(&opts.empty_ns)? || emptied;
+    let lazy_daemon = lazy_pages_daemon(&image_path)?;
     if let Some(bridge) = &opts.bridge {
         if crate::netdev::ifindex(bridge).is_none() {
             return Err(RuntimeError::InvalidInput(format!(
@@ -867,7 +897,7 @@ pub fn restore_with_stdio(
     }
     let req = RestoreRequest {
         image_dir: image_path.clone(),
-        work_dir: opts.work_path.clone(),
+        work_dir: lazy_daemon.clone().or_else(|| opts.work_path.clone()),
         root: criu_root.clone(),
         external_mounts: external_mount_sources(&spec),
         inherit_fds: inherit,
@@ -876,7 +906,7 @@ pub fn restore_with_stdio(
         shell_job: opts.shell_job,
         file_locks: opts.file_locks,
         cgroups_mode: mode,
-        lazy_pages: opts.lazy_pages,
+        lazy_pages: opts.lazy_pages || lazy_daemon.is_some(),
         empty_net_ns: empty_net,
         auto_dedup: opts.auto_dedup,
         rst_sibling: true,
