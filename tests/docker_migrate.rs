@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use migrun_tests::{migrun_bin, unique_id, wait_until};
+use migrun_tests::{migrun_bin, pair_key, unique_id, wait_until};
 
 /// The tests here share daemon B, and one of them stops it: one at a time.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -63,17 +63,6 @@ fn numbers(host: &str, name: &str) -> Vec<u64> {
         .lines()
         .filter_map(|l| l.trim().parse().ok())
         .collect()
-}
-
-fn key(dir: &Path) -> std::path::PathBuf {
-    let k = dir.join("pair.key");
-    let out = Command::new(migrun_bin())
-        .args(["keygen", "--out"])
-        .arg(&k)
-        .output()
-        .expect("keygen");
-    assert!(out.status.success());
-    k
 }
 
 /// migrate-in --once into daemon `to`; the log in `dir`.
@@ -196,7 +185,7 @@ fn port(n: u16) -> u16 {
 fn docker_container_moves_between_daemons_with_its_layers_and_back() {
     let _serial = serial();
     let dir = tempfile::tempdir().expect("tmp");
-    let key = key(dir.path());
+    let key = pair_key(dir.path());
     let name = unique_id("dmig");
     let img1 = format!("{}-img:1", unique_id("dmig"));
     let img2 = format!("{}-img:2", unique_id("dmig"));
@@ -346,7 +335,7 @@ fn docker_container_moves_between_daemons_with_its_layers_and_back() {
 fn a_failed_docker_migration_leaves_the_source_running_and_the_target_clean() {
     let _serial = serial();
     let dir = tempfile::tempdir().expect("tmp");
-    let key = key(dir.path());
+    let key = pair_key(dir.path());
     let name = unique_id("dmig-fail");
     let _cleanup = Cleanup {
         containers: vec![name.clone()],
@@ -398,7 +387,7 @@ fn docker_container_with_an_open_connection_moves_and_gets_the_targets_network()
     // (Docker sets it up in an OCI prestart hook, which the restore runs).
     let _serial = serial();
     let dir = tempfile::tempdir().expect("tmp");
-    let key = key(dir.path());
+    let key = pair_key(dir.path());
     let name = unique_id("dmig-net");
     // A tag of its own: removing it afterwards removes the image from B
     // (other tests need B without it) and only the tag from A.
@@ -511,7 +500,7 @@ impl Drop for RestartB {
 fn daemon_b_stopped_mid_migration_leaves_a_running_and_b_clean() {
     let _serial = serial();
     let dir = tempfile::tempdir().expect("tmp");
-    let key = key(dir.path());
+    let key = pair_key(dir.path());
     let name = unique_id("dmig-down");
     let _cleanup = Cleanup {
         containers: vec![name.clone()],
@@ -578,7 +567,7 @@ impl Drop for Unmount {
 fn target_without_space_for_the_layers_refuses_and_holds_nothing() {
     let _serial = serial();
     let dir = tempfile::tempdir().expect("tmp");
-    let key = key(dir.path());
+    let key = pair_key(dir.path());
     let name = unique_id("dmig-full");
     let _cleanup = Cleanup {
         containers: vec![name.clone()],

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Duration;
 
 use migrun_tests::{
-    check_memory, counter_at, migrun_bin, unique_id, wait_until, Bundle, Migrun, COUNTER,
+    check_memory, counter_at, pair_key, unique_id, wait_until, Bundle, Migrun, COUNTER,
 };
 
 static PORT: AtomicU16 = AtomicU16::new(0);
@@ -21,22 +21,6 @@ fn port() -> u16 {
 
 fn path(p: &Path) -> &str {
     p.to_str().expect("utf8 path")
-}
-
-/// A shared key for a pair of hosts.
-fn key(dir: &Path) -> PathBuf {
-    let k = dir.join("pair.key");
-    let st = Command::new(migrun_bin())
-        .args(["keygen", "--out"])
-        .arg(&k)
-        .output()
-        .expect("keygen");
-    assert!(
-        st.status.success(),
-        "{}",
-        String::from_utf8_lossy(&st.stderr)
-    );
-    k
 }
 
 /// The target: `migrate-in --once` under its own root.
@@ -174,7 +158,7 @@ fn target_rootfs(target: &Target, id: &str) -> PathBuf {
 #[test]
 fn counter_migrates_and_continues() {
     let dir = tempfile::tempdir().expect("tmp");
-    let key = key(dir.path());
+    let key = pair_key(dir.path());
     let src = Migrun::new();
     let id = unique_id("mig-counter");
     let b = Bundle::new(&["sh", "-c", COUNTER]);
@@ -241,7 +225,7 @@ fn counter_migrates_and_continues() {
 #[test]
 fn memory_of_512_mib_dirtied_container_arrives_with_little_downtime_traffic() {
     let dir = tempfile::tempdir().expect("tmp");
-    let key = key(dir.path());
+    let key = pair_key(dir.path());
     let src = Migrun::new();
     let id = unique_id("mig-512");
     let b = Bundle::new(&["/dirtier", "512", "4"]);
@@ -271,7 +255,7 @@ fn memory_of_512_mib_dirtied_container_arrives_with_little_downtime_traffic() {
 #[test]
 fn parent_and_child_memory_both_arrive() {
     let dir = tempfile::tempdir().expect("tmp");
-    let key = key(dir.path());
+    let key = pair_key(dir.path());
     let src = Migrun::new();
     let id = unique_id("mig-fork");
     let b = Bundle::new(&["/pattern", "64", "fork"]);
@@ -319,9 +303,9 @@ fn assert_source_intact(src: &Migrun, id: &str, b: &Bundle) {
 #[test]
 fn wrong_key_is_refused_on_both_sides() {
     let dir = tempfile::tempdir().expect("tmp");
-    let key_a = key(dir.path());
+    let key_a = pair_key(dir.path());
     let other = tempfile::tempdir().expect("tmp");
-    let key_b = key(other.path());
+    let key_b = pair_key(other.path());
     let (src, id, b) = running_counter("mig-key");
     let mut target = Target::start(&key_b);
     let (ok, err, _) = migrate_out(&src, &id, &target, &key_a, &[]);
@@ -337,7 +321,7 @@ fn wrong_key_is_refused_on_both_sides() {
 #[test]
 fn target_killed_during_precopy_leaves_source_running() {
     let dir = tempfile::tempdir().expect("tmp");
-    let key = key(dir.path());
+    let key = pair_key(dir.path());
     let src = Migrun::new();
     let id = unique_id("mig-kill");
     let b = Bundle::new(&["/dirtier", "256", "1"]);
@@ -378,7 +362,7 @@ fn target_killed_during_precopy_leaves_source_running() {
 #[test]
 fn restore_failing_on_target_rolls_back() {
     let dir = tempfile::tempdir().expect("tmp");
-    let key = key(dir.path());
+    let key = pair_key(dir.path());
     // A CRIU on the target that passes the version check but cannot restore.
     let fake = dir.path().join("criu");
     fs::write(
@@ -407,7 +391,7 @@ fn restore_failing_on_target_rolls_back() {
 #[test]
 fn target_work_dir_too_small_rolls_back() {
     let dir = tempfile::tempdir().expect("tmp");
-    let key = key(dir.path());
+    let key = pair_key(dir.path());
     let small = tempfile::tempdir().expect("tmp");
     let st = Command::new("mount")
         .args(["-t", "tmpfs", "-o", "size=512k", "tmpfs"])
@@ -440,7 +424,7 @@ fn target_work_dir_too_small_rolls_back() {
 #[test]
 fn workload_dirtying_faster_than_the_link_is_throttled_and_completes() {
     let dir = tempfile::tempdir().expect("tmp");
-    let key = key(dir.path());
+    let key = pair_key(dir.path());
     let src = Migrun::new();
     let id = unique_id("mig-throttle");
     // A CPU-bound dirtier rewriting 32 MiB as fast as it can, over a 100 Mbit/s cap.
@@ -474,7 +458,7 @@ fn workload_dirtying_faster_than_the_link_is_throttled_and_completes() {
 #[test]
 fn target_killed_during_the_final_phase_leaves_source_running() {
     let dir = tempfile::tempdir().expect("tmp");
-    let key = key(dir.path());
+    let key = pair_key(dir.path());
     // A CRIU on the target that is slow to start restoring: time to kill the target then.
     let slow = dir.path().join("criu");
     fs::write(
@@ -608,7 +592,7 @@ impl Drop for OverlayBundle {
 #[test]
 fn overlay_rootfs_syncs_its_upper_dir_and_sends_each_layer_once() {
     let dir = tempfile::tempdir().expect("tmp");
-    let key = key(dir.path());
+    let key = pair_key(dir.path());
     let src = Migrun::new();
     // The lower layer: a busybox tree, the same for both containers.
     let base = Bundle::new(&["true"]);

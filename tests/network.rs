@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use migrun_tests::{migrun_bin, repo_root, unique_id, wait_until, Bundle, Migrun};
+use migrun_tests::{migrun_bin, pair_key, repo_root, unique_id, wait_until, Bundle, Migrun};
 
 const HOST_A: &str = "mr-host-a";
 const HOST_B: &str = "mr-host-b";
@@ -329,13 +329,7 @@ fn service_address_answers_from_the_target_and_tcp_connections_carry_on() {
     );
 
     let key_dir = tempfile::tempdir().expect("tmp");
-    let key = key_dir.path().join("pair.key");
-    let kg = Command::new(migrun_bin())
-        .args(["keygen", "--out"])
-        .arg(&key)
-        .output()
-        .expect("keygen");
-    assert!(kg.status.success());
+    let key = pair_key(key_dir.path());
     let listen = format!("{ADDR_B}:{port}");
     let mut target = Target::start(&dst, &listen, &key, HOST_BRIDGE);
     let stats = key_dir.path().join("stats.json");
@@ -426,13 +420,7 @@ fn failed_network_move_leaves_the_source_serving() {
         .is_ok_and(|b| b == "still-on-a")));
 
     let key_dir = tempfile::tempdir().expect("tmp");
-    let key = key_dir.path().join("pair.key");
-    let kg = Command::new(migrun_bin())
-        .args(["keygen", "--out"])
-        .arg(&key)
-        .output()
-        .expect("keygen");
-    assert!(kg.status.success());
+    let key = pair_key(key_dir.path());
     let listen = format!("{ADDR_B}:{port}");
     // The target cannot plug the container into B's network: no such bridge.
     let mut target = Target::start(&dst, &listen, &key, "nosuchbridge");

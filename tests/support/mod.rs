@@ -37,6 +37,22 @@ pub fn migrun_bin() -> PathBuf {
     }
 }
 
+/// A shared key for a pair of hosts (`migrun keygen --out DIR/pair.key`).
+pub fn pair_key(dir: &Path) -> PathBuf {
+    let k = dir.join("pair.key");
+    let out = std::process::Command::new(migrun_bin())
+        .args(["keygen", "--out"])
+        .arg(&k)
+        .output()
+        .expect("keygen");
+    assert!(
+        out.status.success(),
+        "keygen: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    k
+}
+
 /// A unique container id for this test process.
 pub fn unique_id(name: &str) -> String {
     format!("t{}-{}", std::process::id(), name)
