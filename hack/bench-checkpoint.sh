@@ -3,7 +3,7 @@
 # Times checkpoint and restore of migrun against runc, both driving the same
 # CRIU (--criu BENCH_CRIU), on a busybox bundle running tests/programs/pattern
 # (`/pattern SIZE`: SIZE MiB of anonymous memory filled with a known pattern).
-# Per size and runtime: run -d, wait for /ready, then BENCH_RUNS cycles of
+# Per size and runtime: run -d, wait for /ready, one untimed warm-up cycle, then BENCH_RUNS cycles of
 #   RT checkpoint --image-path IMG ID      (timed; images on tmpfs)
 #   RT restore -d --image-path IMG -b B ID (timed; IMG deleted afterwards)
 # then verifies the pattern in the restored process and deletes it. Prints a
@@ -143,7 +143,10 @@ bench() {
         || fail "pattern did not write /ready within ${READY_TIMEOUT}s" || return 1
 
     : >"$raw.tsv"
-    for ((cycle = 1; cycle <= RUNS; cycle++)); do
+    # Cycle 0 is a warm-up, not timed: the first checkpoint of a size fills
+    # the image tmpfs with fresh pages and takes up to 3x longer, which
+    # would count against whichever runtime goes first.
+    for ((cycle = 0; cycle <= RUNS; cycle++)); do
         img=$images/$name-$size
         rm -rf "$img"
         mkdir -p "$img"
@@ -165,10 +168,14 @@ bench() {
             return 1
         }
         t3=$(now_us)
-        keep_logs "$img" "$name-$size-c$cycle"
+        ((cycle == 0)) || keep_logs "$img" "$name-$size-c$cycle"
         rm -rf "$img"
         [[ $("${rt[@]}" state "$id" 2>/dev/null | jq -r .status 2>/dev/null) == running ]] \
             || fail "container is not running after restore (cycle $cycle)" || return 1
+        if ((cycle == 0)); then
+            log "$name $size MiB warm-up cycle: checkpoint $(((t1 - t0) / 1000)) ms, restore $(((t3 - t2) / 1000)) ms (not counted)"
+            continue
+        fi
         printf '%d\t%d\t%d\n' "$cycle" $((t1 - t0)) $((t3 - t2)) >>"$raw.tsv"
         log "$name $size MiB cycle $cycle/$RUNS: checkpoint $(((t1 - t0) / 1000)) ms, restore $(((t3 - t2) / 1000)) ms"
     done

@@ -566,6 +566,9 @@ docker_by_hand() {
     RX_PID=$!
     wait_until 5 bash -c "nsenter --net=/run/netns/${NS[$dst]} -- ss -Hltn 'sport = :$cport' | grep -q ." \
         || { kill_rx; echo "socat does not listen"; return 1; }
+    local upper tupper
+    upper="$(dk "${DH[$src]}" inspect -f '{{.GraphDriver.Data.UpperDir}}' "$id")" && [[ $(basename "$upper") == diff && -d $upper ]] \
+        || { kill_rx; echo "no overlay2 upper dir for $id on ${src^^}: '$upper'"; return 1; }
     M_T0=$(now)
     if ! timeout "$MIGRATE_TIMEOUT" docker -H "${DH[$src]}" checkpoint create --checkpoint-dir "$ck" "$id" cp \
         </dev/null >"$logs/$tag.checkpoint.log" 2>&1; then
@@ -589,13 +592,20 @@ docker_by_hand() {
         fi
     fi
     M_CK=$(now)
-    tar -c -C "$ck" cp 2>>"$logs/$tag.socat.log" | link_send "${NS[$src]}" "${ADDR[$dst]}" "$cport" 2>>"$logs/$tag.socat.log" \
+    # the checkpoint and the container's writable layer (overlay2's upper
+    # dir "diff": files the processes have open there, e.g. a log in /tmp,
+    # must exist on the target), in one stream
+    tar -c -C "$ck" cp -C "$(dirname "$upper")" diff 2>>"$logs/$tag.socat.log" | link_send "${NS[$src]}" "${ADDR[$dst]}" "$cport" 2>>"$logs/$tag.socat.log" \
         || { kill_rx; echo "${pre}copy failed: $(tail_of "$logs/$tag.socat.log")"; return 1; }
     wait "$RX_PID" || { RX_PID=""; echo "${pre}receiving failed: $(tail_of "$logs/$tag.socat.log")"; return 1; }
     RX_PID=""
     M_CP=$(now)
     cid="$(timeout 60 docker -H "${DH[$dst]}" create --name "$id" "${D_RUN[@]}" </dev/null 2>"$logs/$tag.create.log")" \
         || { echo "${pre}docker create on ${dst^^} failed: $(tail_of "$logs/$tag.create.log")"; return 1; }
+    tupper="$(dk "${DH[$dst]}" inspect -f '{{.GraphDriver.Data.UpperDir}}' "$cid")" && [[ -d $tupper ]] \
+        || { echo "${pre}no overlay2 upper dir for the new $id on ${dst^^}: '$tupper'"; return 1; }
+    tar -c -C "$rd/diff" . | tar -x -C "$tupper" \
+        || { echo "${pre}copying the writable layer into the new $id on ${dst^^} failed"; return 1; }
     M_CR=$(now)
     docker_start_from_checkpoint "${DH[$dst]}" "$cid" "$rd" cp "$droot" </dev/null >/dev/null 2>"$logs/$tag.start.log" \
         || { echo "${pre}docker start --checkpoint on ${dst^^} failed: $(tail_of "$logs/$tag.start.log")"; return 1; }
@@ -607,7 +617,7 @@ docker_by_hand() {
     by_hand_stats "$(jq -cn --argjson b "$ck_bytes" --arg s "$stopped" \
         '{checkpoint_bytes: $b, client_stopped: (if $s == "" then null else $s end)}')" "$M_T0" \
         "checkpointed (docker checkpoint create)" "$M_CK" "copied (tar | socat)" "$M_CP" \
-        "created (docker create)" "$M_CR" "restored (docker start --checkpoint)" "$M_T1" >"$WORK/stats.json"
+        "created (docker create, writable layer copied in)" "$M_CR" "restored (docker start --checkpoint)" "$M_T1" >"$WORK/stats.json"
 }
 
 # announce_restored SIDE ID: the restored container announces its service
