@@ -65,6 +65,10 @@ pub enum WireError {
     /// The peer's hello carried a field we do not understand.
     #[error("bad hello from peer: {0}")]
     BadHello(String),
+    /// The peer's ephemeral X25519 key is a low-order point, so the
+    /// Diffie-Hellman result would be all zeros and known to anyone.
+    #[error("peer sent a low-order ephemeral key (all-zero shared secret): not a genuine migrun peer, or the handshake was tampered with")]
+    LowOrderKey,
     /// The peer could not prove knowledge of the shared key.
     #[error("peer failed authentication: wrong key?")]
     AuthFailed,

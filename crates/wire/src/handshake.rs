@@ -1,30 +1,49 @@
-//! The handshake: hellos, version check, key derivation, mutual proof of the PSK.
+//! The handshake: hellos, version check, ephemeral X25519, key derivation,
+//! mutual proof of the PSK.
 //!
 //! ```text
 //! both -> peer : hello = "MIGRUN" | version u16 BE | role u8 | cipher u8 | nonce [32]
+//!                        | ephemeral X25519 public key [32]
 //!                (each side checks magic, version and role of the other)
 //! th = SHA-256(client hello | server hello)
-//! secrets = HKDF-SHA256(salt = client nonce | server nonce, ikm = PSK,
-//!                       info = "migrun wire v1 <label>\0" | th)
+//! dh = X25519(own ephemeral secret, peer's ephemeral public key)
+//!                (refused if all zero: a low-order peer key)
+//! secrets = HKDF-SHA256(salt = client nonce | server nonce, ikm = PSK | dh,
+//!                       info = "migrun wire v3 <label>\0" | th)
 //! both -> peer : proof = HMAC-SHA256(own auth secret, "<role> finished" | th)
 //!                (each side verifies the other's proof in constant time)
 //! ```
 //!
 //! Both sides write before they read, so a version mismatch or a wrong key
-//! is reported by both. Nothing but the hellos and the proofs is exchanged
+//! is reported by both; the version is checked before anything else of the
+//! hello, so a peer of another version (with another hello length) gets a
+//! version mismatch. Nothing but the hellos and the proofs is exchanged
 //! before both proofs verified, so a peer without the key learns nothing
 //! of the container and cannot send a single frame.
+//!
+//! Forward secrecy: the session keys need the X25519 result of two key
+//! pairs made for this connection alone and wiped right after, so a
+//! recorded connection cannot be decrypted later even by whoever gets the
+//! key file. Authentication still rests on the PSK: the transcript hash
+//! covers both ephemeral public keys and the proofs are keyed from secrets
+//! that need the PSK, so a man in the middle without the PSK cannot
+//! substitute its own ephemeral keys. (The proof keys need the X25519
+//! result too, so a verified proof also confirms that both sides computed
+//! the same one.)
 
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
-use crate::crypto::{self, Cipher, FrameCipher};
+use crate::crypto::{self, Cipher, Ephemeral, FrameCipher, EPHEMERAL_LEN};
 use crate::error::{Result, WireError};
 use crate::limit::Traffic;
 use crate::{read_full, Role, MAGIC};
 
 /// Length of a hello.
-pub(crate) const HELLO_LEN: usize = 6 + 2 + 1 + 1 + 32;
+pub(crate) const HELLO_LEN: usize = 6 + 2 + 1 + 1 + 32 + EPHEMERAL_LEN;
+
+/// Where the ephemeral public key starts in a hello.
+const EPHEMERAL_AT: usize = HELLO_LEN - EPHEMERAL_LEN;
 
 /// Length of a proof.
 const PROOF_LEN: usize = 32;
@@ -34,6 +53,7 @@ struct Hello {
     role: Role,
     cipher: Cipher,
     nonce: [u8; 32],
+    ephemeral: [u8; EPHEMERAL_LEN],
 }
 
 impl Hello {
@@ -43,7 +63,8 @@ impl Hello {
         out[6..8].copy_from_slice(&self.version.to_be_bytes());
         out[8] = self.role.to_wire();
         out[9] = self.cipher.to_wire();
-        out[10..].copy_from_slice(&self.nonce);
+        out[10..EPHEMERAL_AT].copy_from_slice(&self.nonce);
+        out[EPHEMERAL_AT..].copy_from_slice(&self.ephemeral);
         out
     }
 }
@@ -55,20 +76,36 @@ pub(crate) struct Established {
     pub opener: FrameCipher,
 }
 
-/// Runs the handshake as `role` (without time-out; the caller adds it).
+/// Our side of a handshake.
+pub(crate) struct Local {
+    /// Our role.
+    pub role: Role,
+    /// The protocol version we announce.
+    pub version: u16,
+    /// The cipher we prefer.
+    pub preference: Cipher,
+    /// Our key pair for this connection alone.
+    pub ephemeral: Ephemeral,
+}
+
+/// Runs the handshake as `local` says (without time-out; the caller adds it).
 pub(crate) async fn run<R, W>(
     reader: &mut R,
     writer: &mut W,
-    role: Role,
+    local: Local,
     psk: &[u8; 32],
-    version: u16,
-    preference: Cipher,
     traffic: &Traffic,
 ) -> Result<Established>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let Local {
+        role,
+        version,
+        preference,
+        ephemeral,
+    } = local;
     let mut nonce = [0u8; 32];
     crate::random_fill(&mut nonce)?;
     let ours = Hello {
@@ -76,6 +113,7 @@ where
         role,
         cipher: preference,
         nonce,
+        ephemeral: *ephemeral.public(),
     }
     .encode();
     writer.write_all(&ours).await?;
@@ -103,7 +141,9 @@ where
     let their_cipher = Cipher::from_wire(theirs[9])
         .ok_or_else(|| WireError::BadHello(format!("unknown cipher {}", theirs[9])))?;
     let mut their_nonce = [0u8; 32];
-    their_nonce.copy_from_slice(&theirs[10..]);
+    their_nonce.copy_from_slice(&theirs[10..EPHEMERAL_AT]);
+    let mut their_ephemeral = [0u8; EPHEMERAL_LEN];
+    their_ephemeral.copy_from_slice(&theirs[EPHEMERAL_AT..]);
     if their_nonce == nonce {
         return Err(WireError::BadHello("our own nonce came back".into()));
     }
@@ -118,7 +158,10 @@ where
     let mut th = [0u8; 32];
     th.copy_from_slice(&hasher.finalize());
 
-    let secrets = crypto::derive(psk, client_nonce, server_nonce, &th)?;
+    // Consumes (wipes) our ephemeral secret; refuses a low-order peer key.
+    let shared = ephemeral.agree(&their_ephemeral)?;
+    let secrets = crypto::derive(psk, &shared, client_nonce, server_nonce, &th)?;
+    drop(shared);
     let (own_auth, peer_auth, own_label, peer_label): (_, _, &[u8], &[u8]) = match role {
         Role::Client => (
             &secrets.client_auth,

@@ -2,21 +2,30 @@
 //! `migrun migrate-in` (target) talk during a live container migration.
 //!
 //! One TCP connection per migration. It starts with a handshake in which
-//! both sides exchange a versioned hello and prove knowledge of a
-//! pre-shared key ([`Key`], from a key file); a version mismatch or a wrong
-//! key is reported on both sides:
+//! both sides exchange a versioned hello with an ephemeral X25519 public
+//! key and prove knowledge of a pre-shared key ([`Key`], from a key file);
+//! a version mismatch or a wrong key is reported on both sides:
 //!
 //! ```text
 //! both -> peer : hello = "MIGRUN" | version u16 BE | role u8 | cipher u8 | nonce [32]
+//!                        | ephemeral X25519 public key [32]
 //!                (each side checks magic, version and role of the other)
 //! th = SHA-256(client hello | server hello)
-//! secrets = HKDF-SHA256(salt = client nonce | server nonce, ikm = PSK,
-//!                       info = "migrun wire v1 <label>\0" | th)
+//! dh = X25519(own ephemeral secret, peer's ephemeral public key)
+//!                (refused if all zero: a low-order peer key)
+//! secrets = HKDF-SHA256(salt = client nonce | server nonce, ikm = PSK | dh,
+//!                       info = "migrun wire v3 <label>\0" | th)
 //! both -> peer : proof = HMAC-SHA256(own auth secret, "<role> finished" | th)
 //!                (each side verifies the other's proof in constant time)
 //! then frames  : len u32 BE | AEAD(per-direction key, nonce = frame counter,
 //!                                  aad = len, plaintext = message) | tag [16]
 //! ```
+//!
+//! The PSK authenticates both sides: the proofs need it, and the transcript
+//! hash covers both ephemeral keys, so a man in the middle without the PSK
+//! cannot substitute its own. The ephemeral key pairs give forward secrecy:
+//! they are made per connection and wiped during the handshake, so a
+//! recorded migration cannot be decrypted later even with the key file.
 //!
 //! After it, every [`Message`] travels in one length-prefixed frame sealed
 //! with an AEAD ([`Cipher`]) under per-direction session keys and counter
@@ -66,7 +75,9 @@ pub use message::{
 pub const MAGIC: &[u8; 6] = b"MIGRUN";
 
 /// The protocol version this crate speaks. Peers must speak the same.
-pub const PROTOCOL_VERSION: u16 = 2;
+///
+/// Version 3 added the ephemeral X25519 key to the hello (forward secrecy).
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Default time-out for connecting plus the handshake.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -227,7 +238,8 @@ pub async fn establish_tcp(
     stream.set_nodelay(true)?;
     let peer = stream.peer_addr().ok();
     let (r, w) = stream.into_split();
-    establish_parts(Box::new(r), Box::new(w), peer, role, key, config).await
+    let ephemeral = crypto::Ephemeral::generate()?;
+    establish_parts(Box::new(r), Box::new(w), peer, role, key, config, ephemeral).await
 }
 
 /// Runs the handshake as `role` on any byte stream (a Unix socket, an
@@ -237,7 +249,8 @@ where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let (r, w) = tokio::io::split(stream);
-    establish_parts(Box::new(r), Box::new(w), None, role, key, config).await
+    let ephemeral = crypto::Ephemeral::generate()?;
+    establish_parts(Box::new(r), Box::new(w), None, role, key, config, ephemeral).await
 }
 
 /// A connected pair of channels over an in-memory pipe, for testing the
@@ -263,6 +276,7 @@ async fn establish_parts(
     role: Role,
     key: &Key,
     config: &Config,
+    ephemeral: crypto::Ephemeral,
 ) -> Result<Channel> {
     let traffic = Traffic::default();
     let mut reader = channel::new_reader(reader);
@@ -272,10 +286,13 @@ async fn establish_parts(
         handshake::run(
             &mut reader,
             &mut writer,
-            role,
+            handshake::Local {
+                role,
+                version: config.protocol_version,
+                preference,
+                ephemeral,
+            },
             key.as_bytes(),
-            config.protocol_version,
-            preference,
             &traffic,
         ),
     )

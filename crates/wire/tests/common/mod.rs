@@ -8,8 +8,9 @@ use migrun_wire::{Bytes, MemoryTotals, Message, PageRun, RoundStats, PAGE_SIZE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-/// Bytes the client sends during the handshake: hello and proof.
-pub const CLIENT_HANDSHAKE_LEN: usize = 42 + 32;
+/// Bytes the client sends during the handshake: hello (with its ephemeral
+/// X25519 key) and proof.
+pub const CLIENT_HANDSHAKE_LEN: usize = 74 + 32;
 
 /// What the man in the middle does to the client-to-server byte stream.
 #[derive(Clone, Debug)]
