@@ -210,3 +210,6 @@ async fn read_exact_hs<R: AsyncRead + Unpin>(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

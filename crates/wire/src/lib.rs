@@ -269,6 +269,23 @@ pub async fn pair_with(key: &Key, config: &Config) -> Result<(Channel, Channel)>
     Ok((client?, server?))
 }
 
+/// Like [`establish`], with our ephemeral key pair given (so a test knows
+/// its secret, as an attacker who stole it would).
+#[cfg(test)]
+pub(crate) async fn establish_with_ephemeral<S>(
+    stream: S,
+    role: Role,
+    key: &Key,
+    config: &Config,
+    ephemeral: crypto::Ephemeral,
+) -> Result<Channel>
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (r, w) = tokio::io::split(stream);
+    establish_parts(Box::new(r), Box::new(w), None, role, key, config, ephemeral).await
+}
+
 async fn establish_parts(
     reader: channel::BoxRead,
     mut writer: channel::BoxWrite,

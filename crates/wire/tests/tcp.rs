@@ -144,13 +144,16 @@ async fn wrong_key_fails_on_both_sides() -> TestResult {
 
 #[tokio::test]
 async fn tampered_handshake_fails_authentication() -> TestResult {
-    // Flip a bit of the client's nonce on the way: the transcripts differ.
-    let (addr, server) = server(key(1), Config::default()).await?;
-    let via = proxy(addr, Mitm::FlipByte(20)).await?;
-    let client = bounded(connect(via, &key(1))).await;
-    let server = bounded(server).await?;
-    assert!(matches!(client, Err(WireError::AuthFailed)), "{client:?}");
-    assert!(matches!(server, Err(WireError::AuthFailed)), "{server:?}");
+    // Flip a bit of the client's nonce, or of its ephemeral public key, on
+    // the way: the transcripts (and the X25519 results) differ.
+    for at in [20, 50] {
+        let (addr, server) = server(key(1), Config::default()).await?;
+        let via = proxy(addr, Mitm::FlipByte(at)).await?;
+        let client = bounded(connect(via, &key(1))).await;
+        let server = bounded(server).await?;
+        assert!(matches!(client, Err(WireError::AuthFailed)), "{client:?}");
+        assert!(matches!(server, Err(WireError::AuthFailed)), "{server:?}");
+    }
     Ok(())
 }
 
@@ -176,6 +179,30 @@ async fn version_mismatch_is_reported_on_both_sides() -> TestResult {
             Err(WireError::VersionMismatch { ours: o, theirs: t }) if o == theirs && t == ours
         ),
         "server: {server:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn version_2_peer_gets_a_version_mismatch() -> TestResult {
+    // A peer of protocol version 2 (hello without an ephemeral key, 42
+    // bytes) reads our version first, and we read its version first.
+    assert_eq!(PROTOCOL_VERSION, 3);
+    let (addr, server) = server(key(1), Config::default()).await?;
+    let mut old = tokio::net::TcpStream::connect(addr).await?;
+    let mut hello = b"MIGRUN".to_vec();
+    hello.extend_from_slice(&2u16.to_be_bytes());
+    hello.extend_from_slice(&[1, 1]);
+    hello.extend_from_slice(&[9; 32]);
+    old.write_all(&hello).await?;
+    let mut start = [0u8; 8];
+    bounded(old.read_exact(&mut start)).await?;
+    assert_eq!(&start[..6], b"MIGRUN");
+    assert_eq!(u16::from_be_bytes([start[6], start[7]]), 3);
+    let got = bounded(server).await?;
+    assert!(
+        matches!(got, Err(WireError::VersionMismatch { ours: 3, theirs: 2 })),
+        "{got:?}"
     );
     Ok(())
 }
