@@ -597,7 +597,11 @@ fn target_without_space_for_the_layers_refuses_and_holds_nothing() {
     let _ = child.wait_with_output();
     assert!(!out.status.success(), "the migration succeeded");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("No space left"), "{err}");
+    // Refused before anything is written, with the figures.
+    assert!(
+        err.contains("not enough space for the container's files"),
+        "{err}"
+    );
     // A runs on, B holds neither the container nor the image.
     assert_counting_on_a(&name);
     assert!(!docker(B, &["inspect", &name]).status.success());

@@ -33,9 +33,6 @@ const API: bollard::ClientVersion = bollard::ClientVersion {
     minor_version: 41,
 };
 
-/// Wire path of the image tarball (`docker save` without the layers the
-/// target has).
-pub const IMAGE_WIRE_PATH: &str = "\u{0}docker/image.tar";
 /// Marker in `LayersWanted`: the target lacks the image itself (its config).
 pub const WANT_IMAGE: &str = "image";
 /// File in a checkpoint directory that makes `migrun restore` leave the

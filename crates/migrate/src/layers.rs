@@ -16,10 +16,8 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use crate::rootfs::{self, Kind};
+use crate::tree::Tree;
 use crate::{MigrateError, Result};
-
-/// Wire paths of a layer's files start with this, then the digest and `/`.
-pub const WIRE_PREFIX: &str = "\u{0}layer/";
 
 /// An overlay mount: lower directories (uppermost first, as in `lowerdir=`)
 /// and the upper directory.
@@ -107,16 +105,19 @@ pub fn overlay_of(rootfs: &Path, pid: Option<i32>) -> Option<Overlay> {
     })
 }
 
-/// SHA-256 of the file at `path`, in hex.
-fn file_digest(path: &Path) -> Result<String> {
-    let mut f = fs::File::open(path)
-        .map_err(|e| MigrateError::Source(format!("read {}: {e}", path.display())))?;
+/// SHA-256 of the regular file `rel` of `tree`, in hex (read through the
+/// confined tree: never through a link).
+fn file_digest(tree: &Tree, rel: &str) -> Result<String> {
+    let shown = || tree.show(rel);
+    let (mut f, _) = tree.open_regular(rel)?.ok_or_else(|| {
+        MigrateError::Source(format!("{} is not a regular file any more", shown()))
+    })?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 16];
     loop {
         let n = f
             .read(&mut buf)
-            .map_err(|e| MigrateError::Source(format!("read {}: {e}", path.display())))?;
+            .map_err(|e| MigrateError::Source(format!("read {}: {e}", shown())))?;
         if n == 0 {
             break;
         }
@@ -131,18 +132,33 @@ fn hex(bytes: &[u8]) -> String {
 
 /// The content digest of the tree at `dir` (see the module documentation).
 pub fn tree_digest(dir: &Path) -> Result<String> {
-    let snap = rootfs::snapshot(dir)?;
+    layer_digest(dir).map(|(d, _)| d)
+}
+
+/// The content digest of the layer at `dir`, and the bytes of data its
+/// files hold.
+pub fn layer_digest(dir: &Path) -> Result<(String, u64)> {
+    let tree = Tree::open(dir)?;
+    let snap = rootfs::snapshot(&tree)?;
     let mut h = Sha256::new();
     for (rel, e) in &snap {
         let what = match &e.kind {
             Kind::Dir => format!("d{}", u8::from(e.opaque)),
-            Kind::File => format!("f{}:{}", e.size, file_digest(&dir.join(rel))?),
+            Kind::File => format!("f{}:{}", e.size, file_digest(&tree, rel)?),
             Kind::Symlink(t) => format!("l{t}"),
             Kind::Whiteout => "w".to_string(),
+            Kind::HardLink(l) => format!("h{l}"),
+            Kind::Fifo => "p".to_string(),
+            Kind::Socket => "s".to_string(),
+            Kind::CharDev(r) => format!("c{r}"),
+            Kind::BlockDev(r) => format!("b{r}"),
         };
         h.update(format!("{rel}\0{what}\0{:o}\0{}\0{}\n", e.mode, e.uid, e.gid).as_bytes());
     }
-    Ok(format!("sha256:{}", hex(&h.finalize())))
+    Ok((
+        format!("sha256:{}", hex(&h.finalize())),
+        rootfs::data_bytes(&snap),
+    ))
 }
 
 /// Checks that `digest` is one of ours (and safe as a directory name).

@@ -10,6 +10,8 @@
 //!   round (soft-dirty, userfaultfd write protection with `PAGEMAP_SCAN`,
 //!   or page hashing), behind [`dirty::DirtyTracker`];
 //! - [`memory`]: reading a live process's pages on the source;
+//! - [`tree`]: confined access to a container's file tree (nothing read
+//!   or written through a link, nothing outside the tree);
 //! - [`rootfs`]: syncing the container's root filesystem in rounds;
 //! - [`store`], [`lazy`] and [`images`]: the target's page store, serving
 //!   it to CRIU's lazy-pages daemon after a restore without memory (or
@@ -21,6 +23,7 @@
 pub mod dirty;
 pub mod docker;
 pub mod images;
+pub mod inbound;
 pub mod layers;
 pub mod lazy;
 pub mod memory;
@@ -31,6 +34,7 @@ pub mod stats;
 pub mod store;
 pub mod target;
 pub mod throttle;
+pub mod tree;
 
 /// Errors of a migration, one line each.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +60,9 @@ pub enum MigrateError {
     /// The runtime failed.
     #[error("{0}")]
     Runtime(#[from] migrun_runtime::RuntimeError),
+    /// A confined file operation failed.
+    #[error("{0}")]
+    Tree(#[from] tree::TreeError),
     /// A Docker daemon refused or failed a request.
     #[error("docker: {0}")]
     Docker(String),

@@ -1,35 +1,48 @@
-//! Syncing a container's root filesystem (a plain directory) in rounds.
+//! Syncing a container's file tree (its root filesystem, the upper
+//! directory of an overlay one, or an image layer) in rounds.
 //!
 //! The source snapshots the tree (kind, mode, owner, size, mtime, inode per
-//! path); round 0 sends every regular file's content, later rounds only the
+//! path); round 0 sends every regular file's data, later rounds only the
 //! files whose snapshot changed, and each round ends with a manifest of the
-//! whole tree, from which the target creates directories and links, sets
-//! metadata, and removes what the source no longer has.
+//! whole tree. From it the target creates directories, links and special
+//! files, sets metadata, and removes what the source no longer has.
+//!
+//! Every file access goes through a [`Tree`] (confined: nothing is read or
+//! written through a link, nothing leaves the tree). Files cross as data
+//! and holes; FIFOs, sockets and device nodes cross as what they are and
+//! are never opened; a hard-linked set stays one inode.
 
-use std::collections::BTreeMap;
-use std::fs;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::Path;
+use std::collections::{BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{MigrateError, Result};
-
-/// Name under which the manifest travels (never a real file of the tree).
-pub const MANIFEST: &str = "\u{0}migrun-manifest";
+use crate::tree::{
+    self, decode_name, encode_name, join, parent_of, InodeKind, Node, Tree, TreeError,
+};
 
 /// Kinds of tree entries.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Kind {
     /// A directory.
     Dir,
-    /// A regular file.
+    /// A regular file (the first path of a hard-linked set).
     File,
-    /// A symbolic link with its target.
+    /// A symbolic link with its target (escaped as names are, see
+    /// [`tree::encode_name`]).
     Symlink(String),
     /// An overlayfs whiteout (a 0:0 character device): the path is deleted
     /// from the layers below.
     Whiteout,
+    /// Another name of the regular file at this path (which sorts before).
+    HardLink(String),
+    /// A named pipe.
+    Fifo,
+    /// A socket inode.
+    Socket,
+    /// A character device with its device number.
+    CharDev(u64),
+    /// A block device with its device number.
+    BlockDev(u64),
 }
 
 /// What the source knows of one path.
@@ -43,7 +56,7 @@ pub struct Entry {
     pub uid: u32,
     /// Group.
     pub gid: u32,
-    /// Size in bytes.
+    /// Size in bytes (apparent).
     pub size: u64,
     /// Modification time (seconds, nanoseconds).
     pub mtime: (i64, i64),
@@ -52,98 +65,99 @@ pub struct Entry {
     /// An overlayfs opaque directory (hides the layers below).
     #[serde(default)]
     pub opaque: bool,
+    /// 512-byte blocks the data takes (a sparse file's are few).
+    #[serde(default)]
+    pub blocks: u64,
 }
 
-/// The xattr overlayfs marks an opaque directory with.
-const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
-
-/// Whether the directory at `path` carries overlayfs's opaque mark.
-fn is_opaque(path: &Path) -> bool {
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
-        return false;
-    };
-    let name = c"trusted.overlay.opaque";
-    let mut v = [0u8; 2];
-    // SAFETY: valid NUL-terminated strings and a buffer of the given size.
-    let n = unsafe { libc::lgetxattr(c.as_ptr(), name.as_ptr(), v.as_mut_ptr().cast(), v.len()) };
-    n == 1 && v[0] == b'y'
-}
-
-/// Marks the directory at `path` opaque for overlayfs.
-fn set_opaque(path: &Path) -> std::io::Result<()> {
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    let name = std::ffi::CString::new(OPAQUE_XATTR)
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    // SAFETY: valid NUL-terminated strings and a one-byte value.
-    let r = unsafe { libc::lsetxattr(c.as_ptr(), name.as_ptr(), b"y".as_ptr().cast(), 1, 0) };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
+impl Entry {
+    /// The entry for an inode of `kind` with this `lstat`.
+    pub fn of(kind: Kind, st: &nix::sys::stat::FileStat) -> Entry {
+        Entry {
+            kind,
+            mode: st.st_mode & 0o7777,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            size: st.st_size.max(0) as u64,
+            mtime: (st.st_mtime, st.st_mtime_nsec),
+            ino: st.st_ino,
+            opaque: false,
+            blocks: st.st_blocks.max(0) as u64,
+        }
     }
 }
 
-/// The tree by relative path.
-pub type Snapshot = BTreeMap<String, Entry>;
+/// The tree by relative path (escaped names, see [`tree::encode_name`]).
+pub type Snapshot = std::collections::BTreeMap<String, Entry>;
 
-/// Snapshots the tree at `root` (device nodes, sockets and fifos are left
-/// out: the container's /dev is a tmpfs CRIU restores itself).
-pub fn snapshot(root: &Path) -> Result<Snapshot> {
+/// Snapshots `tree`. What the container swaps while we look is taken as
+/// it is found, or left out (the next round's snapshot sees it again).
+pub fn snapshot(tree: &Tree) -> Result<Snapshot, TreeError> {
     let mut out = Snapshot::new();
+    let mut linked: HashMap<u64, Vec<String>> = HashMap::new();
     let mut stack = vec![String::new()];
     while let Some(rel) = stack.pop() {
-        let dir = root.join(&rel);
-        let entries = fs::read_dir(&dir)
-            .map_err(|e| MigrateError::Source(format!("read {}: {e}", dir.display())))?;
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let path = if rel.is_empty() {
-                name
-            } else {
-                format!("{rel}/{name}")
-            };
-            let Ok(meta) = fs::symlink_metadata(entry.path()) else {
+        let (entries, opaque) = match tree.list(&rel) {
+            Ok(x) => x,
+            // A directory swapped for something else since its parent
+            // was listed.
+            Err(e) if !rel.is_empty() && e.is_gone() => {
+                out.remove(&rel);
                 continue;
-            };
-            let ft = meta.file_type();
-            let mut opaque = false;
-            let kind = if ft.is_dir() {
-                stack.push(path.clone());
-                opaque = is_opaque(&entry.path());
-                Kind::Dir
-            } else if std::os::unix::fs::FileTypeExt::is_char_device(&ft) && meta.rdev() == 0 {
-                Kind::Whiteout
-            } else if ft.is_file() {
-                Kind::File
-            } else if ft.is_symlink() {
-                Kind::Symlink(
-                    fs::read_link(entry.path())
-                        .map(|t| t.to_string_lossy().into_owned())
-                        .unwrap_or_default(),
-                )
-            } else {
-                continue;
-            };
-            out.insert(
-                path,
-                Entry {
-                    kind,
-                    mode: meta.mode() & 0o7777,
-                    uid: meta.uid(),
-                    gid: meta.gid(),
-                    size: meta.size(),
-                    mtime: (meta.mtime(), meta.mtime_nsec()),
-                    ino: meta.ino(),
-                    opaque,
+            }
+            Err(e) => return Err(e),
+        };
+        if let Some(e) = out.get_mut(&rel) {
+            e.opaque = opaque;
+        }
+        for l in entries {
+            let path = join(&rel, &l.name);
+            let st = &l.stat;
+            let kind = match InodeKind::of(st) {
+                Some(InodeKind::Dir) => {
+                    stack.push(path.clone());
+                    Kind::Dir
+                }
+                Some(InodeKind::File) => {
+                    if st.st_nlink > 1 {
+                        linked.entry(st.st_ino).or_default().push(path.clone());
+                    }
+                    Kind::File
+                }
+                Some(InodeKind::Symlink) => match tree.readlink(&path) {
+                    Ok(t) => Kind::Symlink(encode_name(&t)),
+                    Err(e) if e.is_gone() || e.errno() == Some(nix::errno::Errno::EINVAL) => {
+                        continue
+                    }
+                    Err(e) => return Err(e),
                 },
-            );
+                Some(InodeKind::Char) if st.st_rdev == 0 => Kind::Whiteout,
+                Some(InodeKind::Char) => Kind::CharDev(st.st_rdev),
+                Some(InodeKind::Block) => Kind::BlockDev(st.st_rdev),
+                Some(InodeKind::Fifo) => Kind::Fifo,
+                Some(InodeKind::Socket) => Kind::Socket,
+                None => continue,
+            };
+            out.insert(path, Entry::of(kind, st));
+        }
+    }
+    for (_, mut paths) in linked {
+        if paths.len() < 2 {
+            continue;
+        }
+        paths.sort();
+        let leader = paths[0].clone();
+        for p in &paths[1..] {
+            if let Some(e) = out.get_mut(p) {
+                e.kind = Kind::HardLink(leader.clone());
+            }
         }
     }
     Ok(out)
 }
 
-/// Regular files of `now` that are new or changed since `before`.
+/// Regular files of `now` that are new or changed since `before` (the
+/// first path of a hard-linked set only: the others are links to it).
 pub fn changed_files<'a>(before: &Snapshot, now: &'a Snapshot) -> Vec<&'a str> {
     now.iter()
         .filter(|(_, e)| e.kind == Kind::File)
@@ -152,177 +166,293 @@ pub fn changed_files<'a>(before: &Snapshot, now: &'a Snapshot) -> Vec<&'a str> {
         .collect()
 }
 
-/// Makes sure `rel` stays inside the tree.
-fn safe_rel(rel: &str) -> Result<&str> {
-    if rel.is_empty() || rel.starts_with('/') || rel.split('/').any(|c| c == ".." || c.is_empty()) {
-        return Err(MigrateError::Protocol(format!(
-            "unsafe path {rel:?} from the source"
-        )));
-    }
-    Ok(rel)
+/// Bytes of data (not apparent size) the regular files of `snap` hold.
+pub fn data_bytes(snap: &Snapshot) -> u64 {
+    snap.values()
+        .filter(|e| e.kind == Kind::File)
+        .map(|e| e.blocks.saturating_mul(512))
+        .fold(0u64, u64::saturating_add)
 }
 
-/// Writes a chunk of file `rel` under `root` (the target side).
-pub fn write_chunk(root: &Path, rel: &str, offset: u64, data: &[u8]) -> Result<()> {
-    use std::os::unix::fs::FileExt;
-    let path = root.join(safe_rel(rel)?);
-    if let Some(parent) = path.parent() {
-        fs::create_dir_all(parent)
-            .map_err(|e| MigrateError::Target(format!("create {}: {e}", parent.display())))?;
+/// Drops from `snap` the hard links whose first path is no longer in it
+/// (it vanished before it could be read: the next round sees them again).
+pub fn drop_orphan_links(snap: &mut Snapshot) {
+    let orphans: Vec<String> = snap
+        .iter()
+        .filter(|(_, e)| matches!(&e.kind, Kind::HardLink(l) if snap.get(l).map(|x| &x.kind) != Some(&Kind::File)))
+        .map(|(p, _)| p.clone())
+        .collect();
+    for p in orphans {
+        snap.remove(&p);
     }
-    if offset == 0 {
-        // A replaced file starts afresh (and a symlink in the way goes).
-        let _ = fs::remove_file(&path);
-    }
-    let file = fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(|e| MigrateError::Target(format!("open {}: {e}", path.display())))?;
-    file.write_all_at(data, offset)
-        .map_err(|e| MigrateError::Target(format!("write {}: {e}", path.display())))
 }
 
-/// Sets a finished file's size (the target side).
-pub fn finish_file(root: &Path, rel: &str, size: u64) -> Result<()> {
-    let path = root.join(safe_rel(rel)?);
-    let file = fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(|e| MigrateError::Target(format!("open {}: {e}", path.display())))?;
-    file.set_len(size)
-        .map_err(|e| MigrateError::Target(format!("truncate {}: {e}", path.display())))
-}
-
-/// Applies a manifest to the tree at `root`: creates directories and links,
-/// sets metadata, removes what is not listed.
-pub fn apply_manifest(root: &Path, manifest: &Snapshot) -> Result<()> {
-    let err = |what: String, e: std::io::Error| MigrateError::Target(format!("{what}: {e}"));
-    fs::create_dir_all(root).map_err(|e| err(format!("create {}", root.display()), e))?;
-    // Directories first (sorted order puts parents before children).
-    for (rel, e) in manifest {
-        let path = root.join(safe_rel(rel)?);
+/// Checks a manifest from the source: every path is a safe relative path
+/// under a directory the manifest lists, every link target decodes, and
+/// every hard link names a regular file listed before it.
+pub fn check_manifest(m: &Snapshot) -> Result<(), String> {
+    for (rel, e) in m {
+        tree::check_rel(rel).map_err(|x| format!("manifest: {x}"))?;
+        let parent = parent_of(rel);
+        if !parent.is_empty() && m.get(parent).map(|p| &p.kind) != Some(&Kind::Dir) {
+            return Err(format!(
+                "manifest lists {rel:?} under {parent:?}, which is not a directory in it"
+            ));
+        }
         match &e.kind {
-            Kind::Dir => {
-                if fs::symlink_metadata(&path)
-                    .map(|m| !m.is_dir())
-                    .unwrap_or(false)
-                {
-                    let _ = fs::remove_file(&path);
-                }
-                fs::create_dir_all(&path)
-                    .map_err(|x| err(format!("create {}", path.display()), x))?;
-                if e.opaque && !is_opaque(&path) {
-                    set_opaque(&path)
-                        .map_err(|x| err(format!("mark {} opaque", path.display()), x))?;
-                }
+            Kind::Symlink(t) if decode_name(t).is_none_or(|t| t.is_empty() || t.contains(&0)) => {
+                return Err(format!("manifest: bad link target for {rel:?}"));
             }
-            Kind::Whiteout => {
-                let is_whiteout = fs::symlink_metadata(&path)
-                    .map(|m| {
-                        std::os::unix::fs::FileTypeExt::is_char_device(&m.file_type())
-                            && m.rdev() == 0
-                    })
-                    .unwrap_or(false);
-                if !is_whiteout {
-                    let _ = fs::remove_file(&path);
-                    let _ = fs::remove_dir_all(&path);
-                    nix::sys::stat::mknod(
-                        &path,
-                        nix::sys::stat::SFlag::S_IFCHR,
-                        nix::sys::stat::Mode::from_bits_truncate(0o000),
-                        0,
-                    )
-                    .map_err(|x| err(format!("whiteout {}", path.display()), x.into()))?;
-                }
+            Kind::HardLink(l) if l >= rel || m.get(l).map(|x| &x.kind) != Some(&Kind::File) => {
+                return Err(format!(
+                    "manifest: {rel:?} is a hard link to {l:?}, which is not a file listed before it"
+                ));
             }
-            Kind::Symlink(target) => {
-                let current = fs::read_link(&path).ok();
-                if current.as_deref().map(|c| c.to_string_lossy().into_owned())
-                    != Some(target.clone())
-                {
-                    let _ = fs::remove_file(&path);
-                    let _ = fs::remove_dir_all(&path);
-                    std::os::unix::fs::symlink(target, &path)
-                        .map_err(|x| err(format!("link {}", path.display()), x))?;
-                }
-            }
-            Kind::File => {}
+            _ => {}
         }
-    }
-    // Removals: whatever the target has that the source no longer does.
-    let have = snapshot(root).map_err(|e| MigrateError::Target(e.to_string()))?;
-    for rel in have.keys().rev() {
-        if !manifest.contains_key(rel) {
-            let path = root.join(rel);
-            let _ = fs::remove_file(&path).or_else(|_| fs::remove_dir_all(&path));
-        }
-    }
-    // Metadata, children before parents so directory mtimes stick.
-    for (rel, e) in manifest.iter().rev() {
-        let path = root.join(rel);
-        let _ = nix::unistd::fchownat(
-            None,
-            &path,
-            Some(nix::unistd::Uid::from_raw(e.uid)),
-            Some(nix::unistd::Gid::from_raw(e.gid)),
-            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
-        );
-        if !matches!(e.kind, Kind::Symlink(_)) {
-            let _ = fs::set_permissions(&path, fs::Permissions::from_mode(e.mode));
-        }
-        let ts = nix::sys::time::TimeSpec::new(e.mtime.0, e.mtime.1);
-        let _ = nix::sys::stat::utimensat(
-            None,
-            &path,
-            &ts,
-            &ts,
-            nix::sys::stat::UtimensatFlags::NoFollowSymlink,
-        );
     }
     Ok(())
+}
+
+/// The target's side of one synced tree across rounds: the manifest it
+/// applied last, and the paths the current round wrote.
+#[derive(Debug, Default)]
+pub struct Applied {
+    last: Option<Snapshot>,
+    touched: BTreeSet<String>,
+}
+
+impl Applied {
+    /// Notes that the round wrote (created or replaced) `rel` and possibly
+    /// the directories on its way.
+    pub fn touch(&mut self, rel: &str) {
+        let mut p = rel;
+        while !p.is_empty() && self.touched.insert(p.to_string()) {
+            p = parent_of(p);
+        }
+    }
+
+    /// Whether a manifest was applied.
+    pub fn has_applied(&self) -> bool {
+        self.last.is_some()
+    }
+
+    /// Applies a manifest to `tree`: creates directories, links and
+    /// special files, removes what it does not list, and sets metadata.
+    /// Only what changed since the last manifest, or what this round
+    /// wrote, is looked at again: nobody but us writes the target's tree.
+    pub fn apply(&mut self, tree: &Tree, manifest: Snapshot) -> Result<(), TreeError> {
+        let touched = std::mem::take(&mut self.touched);
+        let last = self.last.take();
+        let dirty: Vec<&String> = manifest
+            .iter()
+            .filter(|(rel, e)| {
+                touched.contains(*rel)
+                    || last.as_ref().and_then(|l| l.get(*rel)) != Some(*e)
+                    || matches!(&e.kind, Kind::HardLink(l) if touched.contains(l))
+            })
+            .map(|(rel, _)| rel)
+            .collect();
+        // Structure, parents first (sorted order), links after the files
+        // they link to exist.
+        for rel in &dirty {
+            let e = &manifest[*rel];
+            let node = match &e.kind {
+                Kind::Dir => Some(Node::Dir(e.mode)),
+                Kind::File => {
+                    let have = tree.stat(rel)?;
+                    if have.as_ref().and_then(InodeKind::of) != Some(InodeKind::File) {
+                        return Err(TreeError::Sys {
+                            op: "the source never sent",
+                            path: tree.show(rel),
+                            errno: nix::errno::Errno::ENOENT,
+                        });
+                    }
+                    None
+                }
+                Kind::Symlink(t) => Some(Node::Symlink(
+                    decode_name(t).ok_or_else(|| TreeError::BadPath(t.clone()))?,
+                )),
+                Kind::Whiteout => Some(Node::Char(0)),
+                Kind::HardLink(_) => None,
+                Kind::Fifo => Some(Node::Fifo),
+                Kind::Socket => Some(Node::Socket),
+                Kind::CharDev(r) => Some(Node::Char(*r)),
+                Kind::BlockDev(r) => Some(Node::Block(*r)),
+            };
+            if let Some(node) = node {
+                tree.make(rel, &node)?;
+            }
+            if e.kind == Kind::Dir {
+                let was = last
+                    .as_ref()
+                    .and_then(|l| l.get(*rel))
+                    .is_some_and(|x| x.opaque);
+                if e.opaque || was {
+                    tree.set_opaque(rel, e.opaque)?;
+                }
+            }
+        }
+        for rel in &dirty {
+            if let Kind::HardLink(leader) = &manifest[*rel].kind {
+                tree.make(rel, &Node::HardLink(leader.clone()))?;
+            }
+        }
+        // Removals, children first.
+        let gone: BTreeSet<String> = match &last {
+            None => snapshot(tree)?.into_keys().collect::<Vec<_>>(),
+            Some(l) => l.keys().chain(touched.iter()).cloned().collect::<Vec<_>>(),
+        }
+        .into_iter()
+        .filter(|rel| !manifest.contains_key(rel))
+        .collect();
+        for rel in gone.iter().rev() {
+            tree.remove_all(rel)?;
+        }
+        // Metadata, children before parents so that directory times stick.
+        let mut meta: BTreeSet<&str> = dirty.iter().map(|r| r.as_str()).collect();
+        for rel in dirty
+            .iter()
+            .map(|r| r.as_str())
+            .chain(gone.iter().map(String::as_str))
+        {
+            let p = parent_of(rel);
+            if !p.is_empty() {
+                meta.insert(p);
+            }
+        }
+        let mut cache = None;
+        for rel in meta.iter().rev() {
+            let Some(e) = manifest.get(*rel) else {
+                continue;
+            };
+            if matches!(e.kind, Kind::HardLink(_)) {
+                continue; // the same inode as its first path
+            }
+            tree.set_meta(rel, e.uid, e.gid, e.mode, e.mtime, &mut cache)?;
+        }
+        self.last = Some(manifest);
+        Ok(())
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
+    use std::os::unix::fs::FileExt;
+
+    /// Copies what changed between two snapshots of `src` into `dst`, as
+    /// the source and the target of a migration do.
+    fn copy(
+        src: &Tree,
+        dst: &Tree,
+        applied: &mut Applied,
+        before: &Snapshot,
+        now: &Snapshot,
+    ) -> u64 {
+        let mut bytes = 0;
+        for rel in changed_files(before, now) {
+            let (f, st) = src.open_regular(rel).expect("open").expect("file");
+            let out = dst.begin_file(rel, st.st_size as u64).expect("begin");
+            applied.touch(rel);
+            for (off, len) in tree::data_extents(&f, st.st_size as u64).expect("extents") {
+                let mut buf = vec![0u8; len as usize];
+                f.read_exact_at(&mut buf, off).expect("read");
+                out.write_all_at(&buf, off).expect("write");
+                bytes += len;
+            }
+        }
+        check_manifest(now).expect("manifest");
+        applied.apply(dst, now.clone()).expect("apply");
+        bytes
+    }
 
     #[test]
-    fn tree_round_trip_with_changes_and_removals() {
-        let src = tempfile::tempdir().expect("tmp");
-        let dst = tempfile::tempdir().expect("tmp");
-        fs::create_dir_all(src.path().join("a/b")).expect("mkdir");
-        fs::write(src.path().join("a/b/f"), "one").expect("w");
-        fs::write(src.path().join("gone"), "x").expect("w");
-        std::os::unix::fs::symlink("a/b/f", src.path().join("link")).expect("ln");
-        let copy = |snap: &Snapshot, files: Vec<&str>| {
-            for f in files {
-                let data = fs::read(src.path().join(f)).expect("r");
-                write_chunk(dst.path(), f, 0, &data).expect("chunk");
-                finish_file(dst.path(), f, data.len() as u64).expect("finish");
-            }
-            apply_manifest(dst.path(), snap).expect("apply");
-        };
-        let s0 = snapshot(src.path()).expect("snap");
-        copy(&s0, changed_files(&Snapshot::new(), &s0));
-        assert_eq!(
-            fs::read_to_string(dst.path().join("link")).expect("r"),
-            "one"
+    fn tree_round_trip_with_changes_removals_links_and_special_files() {
+        let s = tempfile::tempdir().expect("tmp");
+        let d = tempfile::tempdir().expect("tmp");
+        let (src, dst) = (
+            Tree::open(s.path()).expect("t"),
+            Tree::open(d.path()).expect("t"),
         );
-        fs::write(src.path().join("a/b/f"), "two!").expect("w");
-        fs::remove_file(src.path().join("gone")).expect("rm");
-        let s1 = snapshot(src.path()).expect("snap");
+        let sp = s.path();
+        fs::create_dir_all(sp.join("a/b")).expect("mkdir");
+        fs::write(sp.join("a/b/f"), "one").expect("w");
+        fs::write(sp.join("gone"), "x").expect("w");
+        fs::hard_link(sp.join("a/b/f"), sp.join("a/hard")).expect("link");
+        std::os::unix::fs::symlink("a/b/f", sp.join("link")).expect("ln");
+        nix::unistd::mkfifo(
+            &sp.join("fifo"),
+            nix::sys::stat::Mode::from_bits_truncate(0o640),
+        )
+        .expect("fifo");
+        let mut applied = Applied::default();
+        let s0 = snapshot(&src).expect("snap");
+        assert_eq!(s0["a/hard"].kind, Kind::HardLink("a/b/f".into()));
+        copy(&src, &dst, &mut applied, &Snapshot::new(), &s0);
+        let dp = d.path();
+        assert_eq!(fs::read_to_string(dp.join("link")).expect("r"), "one");
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        assert_eq!(
+            fs::metadata(dp.join("a/hard")).expect("s").ino(),
+            fs::metadata(dp.join("a/b/f")).expect("s").ino()
+        );
+        let fifo = fs::symlink_metadata(dp.join("fifo")).expect("s");
+        assert!(fifo.file_type().is_fifo());
+        assert_eq!(fifo.mode() & 0o777, 0o640);
+        // Round 1: a changed file, a removal, a directory replaced by a link.
+        fs::write(sp.join("a/b/f"), "two!").expect("w");
+        fs::remove_file(sp.join("gone")).expect("rm");
+        fs::remove_dir_all(sp.join("a/b")).expect("rm");
+        fs::create_dir(sp.join("c")).expect("mkdir");
+        fs::write(sp.join("c/f"), "three").expect("w");
+        std::os::unix::fs::symlink("../c", sp.join("a/b")).expect("ln");
+        let s1 = snapshot(&src).expect("snap");
         let changed = changed_files(&s0, &s1);
-        assert_eq!(changed, vec!["a/b/f"]);
-        copy(&s1, changed);
+        assert_eq!(changed, vec!["a/hard", "c/f"]);
+        copy(&src, &dst, &mut applied, &s0, &s1);
+        assert_eq!(fs::read_to_string(dp.join("a/hard")).expect("r"), "two!");
+        assert!(fs::symlink_metadata(dp.join("a/b"))
+            .expect("s")
+            .file_type()
+            .is_symlink());
+        assert!(!dp.join("gone").exists());
+        assert_eq!(fs::read_to_string(dp.join("a/b/f")).expect("r"), "three");
         assert_eq!(
-            fs::read_to_string(dst.path().join("a/b/f")).expect("r"),
-            "two!"
+            fs::metadata(dp.join("c")).expect("s").mtime(),
+            fs::metadata(sp.join("c")).expect("s").mtime()
         );
-        assert!(!dst.path().join("gone").exists());
-        assert!(write_chunk(dst.path(), "../escape", 0, b"x").is_err());
+    }
+
+    #[test]
+    fn bad_manifests_are_refused() {
+        let entry = |kind| Entry {
+            kind,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            size: 0,
+            mtime: (0, 0),
+            ino: 1,
+            opaque: false,
+            blocks: 0,
+        };
+        let mut m = Snapshot::new();
+        m.insert("a/f".into(), entry(Kind::File));
+        assert!(
+            check_manifest(&m).is_err(),
+            "file under a missing directory"
+        );
+        m.insert("a".into(), entry(Kind::Symlink("/etc".into())));
+        assert!(check_manifest(&m).is_err(), "file under a link");
+        m.insert("a".into(), entry(Kind::Dir));
+        check_manifest(&m).expect("fine");
+        m.insert("a/z".into(), entry(Kind::HardLink("/etc/shadow".into())));
+        assert!(check_manifest(&m).is_err(), "link out of the tree");
+        m.insert("a/z".into(), entry(Kind::HardLink("a/f".into())));
+        check_manifest(&m).expect("fine");
+        m.insert("../x".into(), entry(Kind::File));
+        assert!(check_manifest(&m).is_err(), "escape");
     }
 }

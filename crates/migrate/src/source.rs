@@ -16,13 +16,14 @@ use std::time::{Duration, Instant};
 use migrun_runtime::checkpoint::{self, CheckpointOptions};
 use migrun_runtime::lifecycle::{self, container_pids, load_bundle_spec};
 use migrun_runtime::StateRoot;
-use migrun_wire::{MemoryTotals, Message, Sender};
+use migrun_wire::{MemoryTotals, Message, RoundStats, Sender, TreeId};
 use tokio::sync::mpsc;
 
 use crate::dirty::{self, DirtyTracker};
 use crate::memory::{self, MemReader, Proc, PAGE};
-use crate::rootfs::{self, Snapshot, MANIFEST};
+use crate::rootfs::{self, Entry, Kind, Snapshot};
 use crate::stats::{MigrationStats, RoundFigures};
+use crate::tree::{self, Tree};
 use crate::{docker, layers, MigrateError, Result};
 
 /// Options of `migrate-out`.
@@ -66,8 +67,14 @@ struct Source<'a> {
     trackers: HashMap<i32, (Proc, Option<Box<dyn DirtyTracker>>)>,
     stats: MigrationStats,
     buf: Vec<u8>,
+    /// The tree the rounds sync (the root filesystem, or an overlay's or
+    /// Docker's upper directory), opened once it is known.
     rootfs: PathBuf,
+    tree: Option<std::sync::Arc<Tree>>,
+    /// What the last round sent of it; the first round's snapshot is
+    /// taken before `Start`, which announces its size.
     snapshot: Snapshot,
+    first: Option<Snapshot>,
     throttle: crate::throttle::Throttle,
     /// Progress bar on a terminal: pages expected this round, pages sent so far.
     bar: Option<(u64, u64)>,
@@ -288,56 +295,105 @@ impl Source<'_> {
         Ok((dirtied, data, zero))
     }
 
+    /// Opens the synced tree at `self.rootfs` and snapshots it (the first
+    /// round's snapshot, taken before `Start`).
+    fn open_rootfs(&mut self) -> Result<u64> {
+        let tree = Tree::open(&self.rootfs)?;
+        let first = rootfs::snapshot(&tree)?;
+        let bytes = rootfs::data_bytes(&first);
+        self.first = Some(first);
+        self.tree = Some(std::sync::Arc::new(tree));
+        Ok(bytes)
+    }
+
     /// Sends the files of the root filesystem changed since the last snapshot, then the manifest.
     async fn sync_rootfs(&mut self) -> Result<u64> {
-        let now = rootfs::snapshot(&self.rootfs)?;
+        let tree = self
+            .tree
+            .clone()
+            .ok_or_else(|| MigrateError::Source("the root filesystem is not open".into()))?;
+        let mut now = match self.first.take() {
+            Some(s) => s,
+            None => rootfs::snapshot(&tree)?,
+        };
         let before = std::mem::take(&mut self.snapshot);
-        let root = self.rootfs.clone();
-        let bytes = self.send_tree(&root, "", &before, &now).await?;
+        let bytes = self
+            .send_tree(&tree, TreeId::Rootfs, &before, &mut now)
+            .await?;
         self.snapshot = now;
         self.stats.bytes_rootfs += bytes;
         Ok(bytes)
     }
 
-    /// Sends the files of `now` (under `root`) that changed since `before`,
-    /// then the manifest of `now`; paths on the wire start with `prefix`.
-    /// Returns the file bytes sent.
+    /// Sends the regular files of `now` (of `tree`) that changed since
+    /// `before`, as data and holes, then the manifest of `now`. A file
+    /// found not to be a regular file any more when it is opened (the
+    /// container swapped it) is dropped from `now`, and the next round
+    /// sees it again; the manifest describes the inode whose data was
+    /// sent. Returns the file bytes sent.
     async fn send_tree(
         &mut self,
-        root: &Path,
-        prefix: &str,
+        tree: &Tree,
+        id: TreeId,
         before: &Snapshot,
-        now: &Snapshot,
+        now: &mut Snapshot,
     ) -> Result<u64> {
+        use std::os::unix::fs::FileExt;
         let changed: Vec<String> = rootfs::changed_files(before, now)
             .into_iter()
             .map(String::from)
             .collect();
         let mut bytes = 0;
+        let mut chunk = vec![0u8; FILE_CHUNK];
         for rel in changed {
-            let path = root.join(&rel);
-            // Gone since the snapshot: the manifest drops it.
-            let Ok(file) = fs::File::open(&path) else {
+            let Some((file, st)) = tree.open_regular(&rel)? else {
+                now.remove(&rel);
                 continue;
             };
-            bytes += self
-                .stream_file(file, &path, &format!("{prefix}{rel}"))
+            now.insert(rel.clone(), Entry::of(Kind::File, &st));
+            let size = st.st_size.max(0) as u64;
+            let read_err =
+                |e: std::io::Error| MigrateError::Source(format!("read {}: {e}", tree.show(&rel)));
+            self.ch
+                .send(&Message::FileBegin {
+                    tree: id.clone(),
+                    path: rel.clone(),
+                    size,
+                })
+                .await?;
+            for (offset, len) in tree::data_extents(&file, size).map_err(read_err)? {
+                let end = offset + len;
+                let mut pos = offset;
+                while pos < end {
+                    let want = FILE_CHUNK.min((end - pos) as usize);
+                    let n = file.read_at(&mut chunk[..want], pos).map_err(read_err)?;
+                    if n == 0 {
+                        break; // shrunk meanwhile: the next round sees it
+                    }
+                    self.ch
+                        .send(&Message::FileChunk {
+                            path: rel.clone(),
+                            offset: pos,
+                            data: migrun_wire::Bytes::copy_from_slice(&chunk[..n]),
+                        })
+                        .await?;
+                    pos += n as u64;
+                    bytes += n as u64;
+                }
+            }
+        }
+        rootfs::drop_orphan_links(now);
+        let manifest = serde_json::to_vec(now).map_err(|e| MigrateError::Source(e.to_string()))?;
+        let mut pieces = manifest.chunks(FILE_CHUNK).peekable();
+        while let Some(piece) = pieces.next() {
+            self.ch
+                .send(&Message::Manifest {
+                    tree: id.clone(),
+                    data: migrun_wire::Bytes::copy_from_slice(piece),
+                    last: pieces.peek().is_none(),
+                })
                 .await?;
         }
-        let manifest = serde_json::to_vec(now).map_err(|e| MigrateError::Source(e.to_string()))?;
-        self.ch
-            .send(&Message::FileChunk {
-                path: format!("{prefix}{MANIFEST}"),
-                offset: 0,
-                data: manifest.into(),
-            })
-            .await?;
-        self.ch
-            .send(&Message::FileDone {
-                path: format!("{prefix}{MANIFEST}"),
-                size: 0,
-            })
-            .await?;
         Ok(bytes)
     }
 
@@ -370,7 +426,7 @@ impl Source<'_> {
             d.daemon.save(&d.image, &saved).await?;
             let kept = docker::filter_save(&saved, &filtered, &d.diff_ids, &layers)?;
             let _ = fs::remove_file(&saved);
-            self.send_file(&filtered, docker::IMAGE_WIRE_PATH).await?;
+            self.send_image(&filtered).await?;
             // The target loads it and creates the container: wait, so that
             // its work does not overlap the freeze.
             let reply = tokio::time::timeout(Duration::from_secs(600), self.replies.recv()).await;
@@ -425,44 +481,26 @@ impl Source<'_> {
         }
     }
 
-    /// Sends the file at `path` under the wire name `wire`.
-    async fn send_file(&mut self, path: &Path, wire: &str) -> Result<u64> {
-        let file = fs::File::open(path)
-            .map_err(|e| MigrateError::Source(format!("read {}: {e}", path.display())))?;
-        self.stream_file(file, path, wire).await
-    }
-
-    /// Sends the content of `file` (read from `path`) in chunks under the
-    /// wire name `wire`, then its size; an empty file still sends one
-    /// (empty) chunk, so that the target creates it. Returns the bytes sent.
-    async fn stream_file(&mut self, mut file: fs::File, path: &Path, wire: &str) -> Result<u64> {
+    /// Sends the Docker image tarball at `path`.
+    async fn send_image(&mut self, path: &Path) -> Result<u64> {
+        let err = |e: std::io::Error| MigrateError::Source(format!("read {}: {e}", path.display()));
+        let mut file = fs::File::open(path).map_err(err)?;
         let mut offset = 0u64;
         let mut chunk = vec![0u8; FILE_CHUNK];
         loop {
-            let n = file
-                .read(&mut chunk)
-                .map_err(|e| MigrateError::Source(format!("read {}: {e}", path.display())))?;
-            if n == 0 && offset > 0 {
+            let n = file.read(&mut chunk).map_err(err)?;
+            if n == 0 {
                 break;
             }
             self.ch
-                .send(&Message::FileChunk {
-                    path: wire.to_string(),
+                .send(&Message::ImageChunk {
                     offset,
                     data: migrun_wire::Bytes::copy_from_slice(&chunk[..n]),
                 })
                 .await?;
             offset += n as u64;
-            if n == 0 {
-                break;
-            }
         }
-        self.ch
-            .send(&Message::FileDone {
-                path: wire.to_string(),
-                size: offset,
-            })
-            .await?;
+        self.ch.send(&Message::ImageDone { size: offset }).await?;
         Ok(offset)
     }
 
@@ -477,12 +515,31 @@ impl Source<'_> {
                     "the target wants layer {digest}, which was not offered"
                 )));
             };
-            let now = rootfs::snapshot(dir)?;
-            let prefix = format!("{}{digest}/", layers::WIRE_PREFIX);
-            let bytes = self.send_tree(dir, &prefix, &Snapshot::new(), &now).await?;
+            let tree = Tree::open(dir)?;
+            let mut now = rootfs::snapshot(&tree)?;
+            let bytes = self
+                .send_tree(&tree, TreeId::Layer(digest), &Snapshot::new(), &mut now)
+                .await?;
             self.stats.layers_sent += 1;
             self.stats.bytes_layers += bytes;
         }
+        Ok(())
+    }
+
+    /// Tells the target a pre-copy round is complete, with its figures.
+    async fn round_done(&mut self, fig: &RoundFigures) -> Result<()> {
+        self.ch
+            .send(&Message::RoundDone {
+                round: fig.round,
+                stats: RoundStats {
+                    pages_sent: fig.pages_sent,
+                    zero_pages: fig.pages_zero,
+                    bytes_sent: fig.bytes,
+                    dirty_pages: fig.pages_dirtied,
+                    duration_ms: fig.duration_ms as u64,
+                },
+            })
+            .await?;
         Ok(())
     }
 
@@ -690,7 +747,9 @@ async fn migrate(
         },
         buf: Vec::new(),
         rootfs: root.meta(&opts.id).rootfs,
+        tree: None,
         snapshot: Snapshot::new(),
+        first: None,
         bar: None,
         throttle: crate::throttle::Throttle::new(
             &container.spec().map(|c| c.cgroup_path).unwrap_or_default(),
@@ -707,12 +766,16 @@ async fn migrate(
         None => layers::overlay_of(&src.rootfs, container.pid().map(|p| p.as_raw())),
     };
     let mut offered = Vec::new();
+    let mut layer_bytes = Vec::new();
     if let Some(o) = &overlay {
         for dir in &o.lower {
-            offered.push((layers::tree_digest(dir)?, dir.clone()));
+            let (digest, bytes) = layers::layer_digest(dir)?;
+            offered.push((digest, dir.clone()));
+            layer_bytes.push(bytes);
         }
         src.rootfs = o.upper.clone();
     }
+    let rootfs_bytes = src.open_rootfs()?;
     let procs = src.processes()?;
     let resident: u64 = procs
         .iter()
@@ -727,8 +790,10 @@ async fn migrate(
             container_id: opts.id.clone(),
             spec_json: serde_json::json!({
                 "config": config,
+                "rootfs": { "data_bytes": rootfs_bytes },
                 "overlay": overlay.as_ref().map(|_| serde_json::json!({
                     "layers": offered.iter().map(|(d, _)| d.clone()).collect::<Vec<_>>(),
+                    "data_bytes": layer_bytes,
                 })),
                 "docker": docker.map(|d| serde_json::json!({
                     "inspect": d.inspect,
@@ -884,6 +949,7 @@ async fn run_source(
         );
         bandwidth_bps = measured(bandwidth_bps, &fig);
         progress(&fig, 0.0);
+        src.round_done(&fig).await.map_err(|e| (e, None))?;
         src.stats.rounds.push(fig);
         // Later rounds: only what was written meanwhile.
         loop {
@@ -911,6 +977,7 @@ async fn run_source(
             progress(&fig, estimate_ms);
             let dirty_bps = fig.dirty_rate_pages_per_s * PAGE as f64;
             let previous_dirtied = src.stats.rounds.last().map(|r| r.pages_dirtied);
+            src.round_done(&fig).await.map_err(|e| (e, None))?;
             src.stats.rounds.push(fig);
             if estimate_ms <= src.opts.max_downtime_ms as f64 / 4.0 || round >= src.opts.max_rounds
             {
@@ -952,6 +1019,10 @@ async fn run_source(
     let at_freeze = traffic.bytes_total();
     lifecycle::pause(src.root, &src.opts.id).map_err(|e| (e.into(), None))?;
     src.stats.phase("frozen", freeze);
+    src.ch
+        .send(&Message::Frozen)
+        .await
+        .map_err(|e| (e.into(), None))?;
     let t = Instant::now();
     let b0 = traffic.bytes_sent();
     let (dirtied, data, zero) = if precopy {

@@ -14,9 +14,9 @@ use migrun_runtime::{lifecycle, StateRoot};
 use migrun_wire::{Channel, Message};
 
 use crate::docker::{self, Daemon};
+use crate::inbound::{out_of_phase, Phase, Trees};
 use crate::layers::{self, LayerStore};
 use crate::lazy::{self, LazyPages};
-use crate::rootfs::{self, MANIFEST};
 use crate::store::PageStore;
 use crate::{images, MigrateError, Result};
 use std::sync::Arc;
@@ -357,6 +357,185 @@ fn local_config(config: &str, id: &str, root: &StateRoot) -> Result<String> {
     serde_json::to_string_pretty(&spec).map_err(|e| MigrateError::Target(e.to_string()))
 }
 
+/// A receive failure: the source went away, or broke the protocol.
+fn recv_error(e: migrun_wire::WireError) -> MigrateError {
+    use migrun_wire::WireError as W;
+    match e {
+        W::UnknownMessage(t) => MigrateError::Protocol(format!("unknown message type {t}")),
+        W::Malformed(_) | W::FrameTooLarge { .. } | W::FrameTooShort(_) | W::Decrypt => {
+            MigrateError::Protocol(e.to_string())
+        }
+        other => MigrateError::Source(format!("source gone: {other}")),
+    }
+}
+
+/// Free bytes of the file system holding `path`, and its device.
+fn free_space(path: &Path) -> Result<(u64, u64)> {
+    let err = |e: nix::errno::Errno| MigrateError::Target(format!("{}: {e}", path.display()));
+    let v = nix::sys::statvfs::statvfs(path).map_err(err)?;
+    let st = nix::sys::stat::stat(path).map_err(err)?;
+    Ok((
+        (v.blocks_available() as u64).saturating_mul(v.fragment_size() as u64),
+        st.st_dev,
+    ))
+}
+
+/// Refuses a migration whose files do not fit: each `(dir, bytes)` is data
+/// to write under `dir` (with room for metadata on top); the state root
+/// needs a little room too.
+fn check_space(needs: &[(&Path, u64)], state_root: &Path) -> Result<()> {
+    let mut per_fs: Vec<(u64, u64, u64, &Path)> = Vec::new(); // dev, free, need, shown
+    for (dir, bytes) in needs {
+        let (free, dev) = free_space(dir)?;
+        let need = bytes.saturating_add(bytes / 20).saturating_add(8 << 20);
+        match per_fs.iter_mut().find(|f| f.0 == dev) {
+            Some(f) => f.2 = f.2.saturating_add(need),
+            None => per_fs.push((dev, free, need, dir)),
+        }
+    }
+    for (_, free, need, dir) in per_fs {
+        if need > free {
+            return Err(MigrateError::Target(format!(
+                "not enough space for the container's files: {} MiB needed in {}, {} MiB free",
+                need >> 20,
+                dir.display(),
+                free >> 20
+            )));
+        }
+    }
+    let (free, _) = free_space(state_root)?;
+    if free < 1 << 20 {
+        return Err(MigrateError::Target(format!(
+            "no space left for container state in {}",
+            state_root.display()
+        )));
+    }
+    Ok(())
+}
+
+/// The `data_bytes` figure of a JSON object of the start message.
+fn data_bytes(v: &serde_json::Value) -> u64 {
+    v["data_bytes"].as_u64().unwrap_or(0)
+}
+
+/// What the source's `Start` says, acted on: the config written, the
+/// Docker container or the overlay layers set up, space checked.
+struct Started {
+    id: String,
+    overlay_layers: Option<Vec<String>>,
+}
+
+async fn on_start(
+    root: &StateRoot,
+    opts: &InOptions,
+    ch: &mut Channel,
+    inc: &mut Incoming,
+    trees: &mut Trees,
+    (container_id, spec_json, memory): (String, String, migrun_wire::MemoryTotals),
+) -> Result<Started> {
+    migrun_runtime::id::validate(&container_id)
+        .map_err(|e| MigrateError::Protocol(format!("start: {e}")))?;
+    if opts.docker_host.is_none() {
+        crate_id_check(root, &container_id)?;
+    }
+    // Found (and its version asked) now, not inside the downtime.
+    checkpoint::criu_binary(&opts.criu)?;
+    let v: serde_json::Value = serde_json::from_str(&spec_json)
+        .map_err(|e| MigrateError::Protocol(format!("bad start message: {e}")))?;
+    let config = v["config"]
+        .as_str()
+        .ok_or_else(|| MigrateError::Protocol("start without config".into()))?;
+    let bundle = inc.dir.join("bundle");
+    let path = bundle.join("config.json");
+    fs::write(&path, local_config(config, &container_id, root)?)
+        .map_err(|e| MigrateError::Target(format!("{}: {e}", path.display())))?;
+    let rootfs_bytes = data_bytes(&v["rootfs"]);
+    let mut rootfs_dir = Some(bundle.join("rootfs"));
+    match (v.get("docker").filter(|d| !d.is_null()), &opts.docker_host) {
+        (Some(d), Some(host)) => {
+            let (dock, upper) = docker_start(host, d, ch, rootfs_bytes, &opts.work_dir, root).await?;
+            inc.docker = Some(dock);
+            rootfs_dir = upper;
+            if rootfs_dir.is_none() {
+                trees.want_image(&inc.dir.join("image.tar"))?;
+            }
+        }
+        (Some(_), None) => {
+            return Err(MigrateError::Target(
+                "the source sends a Docker container: run migrate-in with --docker-host".into(),
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(MigrateError::Target(
+                "migrate-in --docker-host takes Docker containers (migrate-out --docker-host); the source sends a migrun container".into(),
+            ))
+        }
+        (None, None) => {}
+    }
+    let mut overlay_layers = None;
+    if let Some(offer) = v["overlay"]["layers"].as_array() {
+        let sizes = v["overlay"]["data_bytes"].as_array();
+        let mut digests = Vec::new();
+        let mut wanted = Vec::new();
+        let mut layer_bytes = 0u64;
+        for (i, d) in offer.iter().enumerate() {
+            let d = d
+                .as_str()
+                .ok_or_else(|| {
+                    MigrateError::Protocol("start: a layer digest is not a string".into())
+                })?
+                .to_string();
+            // Validates the digest, too.
+            if !layers::LayerStore::new(opts.work_dir.join("layers")).has(&d) {
+                layer_bytes = layer_bytes.saturating_add(
+                    sizes
+                        .and_then(|s| s.get(i))
+                        .and_then(|b| b.as_u64())
+                        .unwrap_or(0),
+                );
+                if !wanted.contains(&d) {
+                    wanted.push(d.clone());
+                }
+            }
+            digests.push(d);
+        }
+        check_space(
+            &[(&opts.work_dir, rootfs_bytes.saturating_add(layer_bytes))],
+            root.path(),
+        )?;
+        for d in &wanted {
+            trees.want_layer(d)?;
+        }
+        eprintln!(
+            "migrate-in: overlay root filesystem: {} layers, {} to receive",
+            digests.len(),
+            wanted.len()
+        );
+        ch.send(&Message::LayersWanted { digests: wanted }).await?;
+        rootfs_dir = Some(bundle.join("upper"));
+        overlay_layers = Some(digests);
+        inc.overlay = Some(bundle.join("rootfs"));
+    } else if inc.docker.is_none() {
+        check_space(&[(&opts.work_dir, rootfs_bytes)], root.path())?;
+    }
+    fs::create_dir_all(bundle.join("rootfs"))
+        .map_err(|e| MigrateError::Target(format!("{}: {e}", bundle.display())))?;
+    if let Some(dir) = rootfs_dir {
+        trees.set_rootfs(&dir)?;
+    }
+    eprintln!(
+        "migrate-in: receiving container {container_id}: {} processes, {} resident pages, {} MiB of files",
+        memory.processes,
+        memory.resident_pages,
+        rootfs_bytes >> 20
+    );
+    inc.id = Some(container_id.clone());
+    Ok(Started {
+        id: container_id,
+        overlay_layers,
+    })
+}
+
 async fn receive_into(
     root: &StateRoot,
     opts: &InOptions,
@@ -364,25 +543,27 @@ async fn receive_into(
     inc: &mut Incoming,
 ) -> Result<String> {
     let bundle = inc.dir.join("bundle");
-    // The tree the rounds sync: the root filesystem, or the upper directory
-    // of an overlay one (then mounted over `rootfs` from the layers).
-    let mut rootfs_dir = bundle.join("rootfs");
     let layer_store = LayerStore::new(opts.work_dir.join("layers"));
-    let mut overlay_layers: Option<Vec<String>> = None;
-    let mut layer_manifests: std::collections::HashMap<String, Vec<u8>> = Default::default();
     let image_dir = inc.images.clone();
     let io =
         |what: &Path, e: std::io::Error| MigrateError::Target(format!("{}: {e}", what.display()));
-    fs::create_dir_all(&rootfs_dir).map_err(|e| io(&rootfs_dir, e))?;
+    fs::create_dir_all(&bundle).map_err(|e| io(&bundle, e))?;
     fs::create_dir_all(&image_dir).map_err(|e| io(&image_dir, e))?;
     let mut store = PageStore::default();
-    let mut manifest = Vec::new();
-    let mut id = String::new();
+    let mut trees = Trees::new(layer_store.clone());
+    let mut phase = Phase::Hello;
+    let mut started: Option<Started> = None;
     loop {
-        let msg = ch
-            .recv()
-            .await
-            .map_err(|e| MigrateError::Peer(format!("source gone: {e}")))?;
+        let msg = ch.recv().await.map_err(recv_error)?;
+        if let Message::Abort { reason } = &msg {
+            return Err(MigrateError::Source(format!(
+                "the source aborted: {reason}"
+            )));
+        }
+        phase = phase.next(&msg)?;
+        if !matches!(msg, Message::FileChunk { .. }) {
+            trees.end_file();
+        }
         match msg {
             Message::Hello { agent } => tracing::info!("migration from {agent}"),
             Message::Start {
@@ -390,72 +571,17 @@ async fn receive_into(
                 spec_json,
                 memory,
             } => {
-                if opts.docker_host.is_none() {
-                    crate_id_check(root, &container_id)?;
-                }
-                // Found (and its version asked) now, not inside the downtime.
-                checkpoint::criu_binary(&opts.criu)?;
-                let v: serde_json::Value = serde_json::from_str(&spec_json)
-                    .map_err(|e| MigrateError::Protocol(format!("bad start message: {e}")))?;
-                let config = v["config"]
-                    .as_str()
-                    .ok_or_else(|| MigrateError::Protocol("start without config".into()))?;
-                let path = bundle.join("config.json");
-                fs::write(&path, local_config(config, &container_id, root)?)
-                    .map_err(|e| io(&path, e))?;
-                match (v.get("docker").filter(|d| !d.is_null()), &opts.docker_host) {
-                    (Some(d), Some(host)) => {
-                        let (dock, upper) = docker_start(host, d, ch).await?;
-                        inc.docker = Some(dock);
-                        if let Some(upper) = upper {
-                            rootfs_dir = upper;
-                        }
-                    }
-                    (Some(_), None) => {
-                        return Err(MigrateError::Target(
-                            "the source sends a Docker container: run migrate-in with --docker-host".into(),
-                        ))
-                    }
-                    (None, Some(_)) => {
-                        return Err(MigrateError::Target(
-                            "migrate-in --docker-host takes Docker containers (migrate-out --docker-host); the source sends a migrun container".into(),
-                        ))
-                    }
-                    (None, None) => {}
-                }
-                if let Some(offer) = v["overlay"]["layers"].as_array() {
-                    let digests: Vec<String> = offer
-                        .iter()
-                        .filter_map(|d| d.as_str().map(String::from))
-                        .collect();
-                    let wanted: Vec<String> = digests
-                        .iter()
-                        .filter(|d| !layer_store.has(d))
-                        .cloned()
-                        .collect();
-                    for d in &wanted {
-                        // Validates the digest, too.
-                        let dir = layer_store.incoming(d)?;
-                        let _ = fs::remove_dir_all(&dir);
-                        fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
-                    }
-                    eprintln!(
-                        "migrate-in: overlay root filesystem: {} layers, {} to receive",
-                        digests.len(),
-                        wanted.len()
-                    );
-                    ch.send(&Message::LayersWanted { digests: wanted }).await?;
-                    rootfs_dir = bundle.join("upper");
-                    fs::create_dir_all(&rootfs_dir).map_err(|e| io(&rootfs_dir, e))?;
-                    overlay_layers = Some(digests);
-                    inc.overlay = Some(bundle.join("rootfs"));
-                }
-                eprintln!(
-                    "migrate-in: receiving container {container_id}: {} processes, {} resident pages",
-                    memory.processes, memory.resident_pages
+                started = Some(
+                    on_start(
+                        root,
+                        opts,
+                        ch,
+                        inc,
+                        &mut trees,
+                        (container_id, spec_json, memory),
+                    )
+                    .await?,
                 );
-                id = container_id;
-                inc.id = Some(id.clone());
             }
             Message::Pages(run) => {
                 run.validate().map_err(MigrateError::Protocol)?;
@@ -463,69 +589,29 @@ async fn receive_into(
                     store.insert(run.pid, addr, data);
                 }
             }
-            Message::FileChunk { path, offset, data } => {
-                if path == docker::IMAGE_WIRE_PATH {
-                    rootfs::write_chunk(&inc.dir, "image.tar", offset, &data)?;
-                } else if let Some((digest, rel)) = layer_path(&path) {
-                    let dir = layer_store.incoming(digest)?;
-                    if rel == MANIFEST {
-                        layer_manifests
-                            .entry(digest.to_string())
-                            .or_default()
-                            .extend_from_slice(&data);
-                    } else {
-                        rootfs::write_chunk(&dir, rel, offset, &data)?;
-                    }
-                } else if path == MANIFEST {
-                    manifest.extend_from_slice(&data);
-                } else {
-                    rootfs::write_chunk(&rootfs_dir, &path, offset, &data)?;
-                }
-            }
-            Message::FileDone { path, size } => {
-                if path == docker::IMAGE_WIRE_PATH {
-                    rootfs::finish_file(&inc.dir, "image.tar", size)?;
-                    let dock = inc.docker.as_mut().ok_or_else(|| {
-                        MigrateError::Protocol(
-                            "an image for a container that is not Docker's".into(),
-                        )
-                    })?;
-                    dock.daemon.load(&inc.dir.join("image.tar")).await?;
-                    dock.loaded_image = true;
-                    let _ = fs::remove_file(inc.dir.join("image.tar"));
-                    eprintln!("migrate-in: image {} loaded", dock.image);
-                    rootfs_dir = dock.create().await?;
-                    // The source waits for this before its rounds: a load
-                    // still running here must not end up in the downtime.
-                    ch.send(&Message::Ack).await?;
-                } else if let Some((digest, rel)) = layer_path(&path) {
-                    let dir = layer_store.incoming(digest)?;
-                    if rel == MANIFEST {
-                        let bytes = layer_manifests.remove(digest).unwrap_or_default();
-                        let snap: rootfs::Snapshot =
-                            serde_json::from_slice(&bytes).map_err(|e| {
-                                MigrateError::Protocol(format!("bad layer manifest: {e}"))
-                            })?;
-                        rootfs::apply_manifest(&dir, &snap)?;
-                        layer_store.commit(digest)?;
-                    } else {
-                        rootfs::finish_file(&dir, rel, size)?;
-                    }
-                } else if path == MANIFEST {
-                    let snap: rootfs::Snapshot = serde_json::from_slice(&manifest)
-                        .map_err(|e| MigrateError::Protocol(format!("bad manifest: {e}")))?;
-                    manifest.clear();
-                    rootfs::apply_manifest(&rootfs_dir, &snap)?;
-                } else {
-                    rootfs::finish_file(&rootfs_dir, &path, size)?;
-                }
-            }
-            Message::FileRemove { path } => {
-                let _ = fs::remove_file(rootfs_dir.join(&path));
+            Message::FileBegin { tree, path, size } => trees.begin(tree, path, size)?,
+            Message::FileChunk { path, offset, data } => trees.chunk(&path, offset, &data)?,
+            Message::Manifest { tree, data, last } => trees.manifest(tree, &data, last)?,
+            Message::ImageChunk { offset, data } => trees.image_chunk(offset, &data)?,
+            Message::ImageDone { size } => {
+                let tar = trees.image_done(size)?;
+                let dock = inc.docker.as_mut().ok_or_else(|| {
+                    MigrateError::Protocol("an image for a container that is not Docker's".into())
+                })?;
+                dock.daemon.load(&tar).await?;
+                dock.loaded_image = true;
+                let _ = fs::remove_file(&tar);
+                eprintln!("migrate-in: image {} loaded", dock.image);
+                let upper = dock.create().await?;
+                trees.set_rootfs(&upper)?;
+                // The source waits for this before its rounds: a load
+                // still running here must not end up in the downtime.
+                ch.send(&Message::Ack).await?;
             }
             Message::RoundDone { round, stats } => {
                 tracing::info!(round, pages = stats.pages_sent, "round done");
             }
+            Message::Frozen => tracing::info!("source frozen"),
             Message::CriuImages { name, offset, data } => {
                 use std::os::unix::fs::FileExt;
                 let path = image_dir.join(safe_name(&name)?);
@@ -538,109 +624,133 @@ async fn receive_into(
                 f.write_all_at(&data, offset).map_err(|e| io(&path, e))?;
             }
             Message::Commit => {
-                if id.is_empty() {
+                let Some(Started { id, overlay_layers }) = started.take() else {
                     return Err(MigrateError::Protocol("commit before start".into()));
-                }
+                };
+                trees.check_complete()?;
+                drop(trees);
                 if inc.docker.is_some() {
                     return docker_commit(opts, &image_dir, store, ch, inc).await;
                 }
-                let t = Instant::now();
-                eprintln!("migrate-in: restoring {id}");
-                if let Some(digests) = &overlay_layers {
-                    mount_overlay(&layer_store, digests, &bundle)?;
-                }
-                let t_overlay = t.elapsed();
-                let lazy = start_lazy_pages(opts, &image_dir, &mut store)?;
-                if lazy.is_none() {
-                    let filled = images::complete_images(&image_dir, &store)?;
-                    tracing::info!(filled, "images completed");
-                }
-                drop(std::mem::take(&mut store));
-                let hold = crate::netmove::unquiesce_images(&image_dir)?;
-                let t_lazy = t.elapsed();
-                let restored = checkpoint::restore(
+                return commit(
                     root,
-                    &RestoreOptions {
-                        id: id.clone(),
-                        bundle: bundle.clone(),
-                        image_path: image_dir.clone(),
-                        work_path: Some(image_dir.clone()),
-                        tcp_established: true,
-                        criu: opts.criu.clone(),
-                        lazy_pages: lazy.is_some(),
-                        // Stopped until the source has let go of its copy:
-                        // never two running copies.
-                        leave_stopped: true,
-                        // The network moves along: the veths go onto the
-                        // host's bridge before the first packet.
-                        bridge: opts.bridge.clone(),
-                        ..Default::default()
-                    },
-                );
-                if let Err(e) = restored {
-                    if let Some(mut lazy) = lazy {
-                        lazy.abort();
-                    }
-                    return Err(e.into());
-                }
-                inc.restored = true;
-                let t_criu = t.elapsed();
-                crate::netmove::after_restore(root, &id, opts.bridge.as_deref(), hold)?;
-                inc.lazy = lazy;
-                let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-                eprintln!(
-                    "migrate-in: restored {id} in {:.0} ms (overlay {:.0}, memory set-up {:.0}, criu restore {:.0}, network {:.0} ms){}",
-                    ms(t.elapsed()),
-                    ms(t_overlay),
-                    ms(t_lazy - t_overlay),
-                    ms(t_criu - t_lazy),
-                    ms(t.elapsed() - t_criu),
-                    if inc.lazy.is_some() {
-                        " (memory follows from the page store)"
-                    } else {
-                        ""
-                    }
-                );
-                ch.send(&Message::Ack).await?;
-                if let Some(merged) = inc.overlay.take() {
-                    // The container's mount namespace holds the overlay now;
-                    // it goes away with the container (an unmount costs
-                    // milliseconds: not in the downtime).
-                    let _ = nix::mount::umount2(&merged, nix::mount::MntFlags::MNT_DETACH);
-                }
-                // The images are no longer needed; the bundle stays: it is the container's.
-                let _ = fs::remove_dir_all(&image_dir);
-                // The source removes its copy, then says Done: only then does
-                // ours run. Without Done the source kept (or got back) its copy.
-                match ch.recv().await {
-                    Ok(Message::Done) => {}
-                    Ok(other) => {
-                        return Err(MigrateError::Protocol(format!(
-                            "expected Done, got {other:?}"
-                        )))
-                    }
-                    Err(e) => {
-                        return Err(MigrateError::Peer(format!(
-                            "source gone before it released the container: {e}"
-                        )))
-                    }
-                }
-                checkpoint::continue_container(root, &id)?;
-                let _ = ch.send(&Message::Ack).await;
-                if let Some(lazy) = inc.lazy.take() {
-                    memory_in_place(&id, lazy).await?;
-                }
-                return Ok(id);
+                    opts,
+                    ch,
+                    inc,
+                    (id, overlay_layers, &layer_store, &bundle, &image_dir),
+                    store,
+                )
+                .await;
             }
-            Message::Abort { reason } => {
-                return Err(MigrateError::Peer(format!("source aborted: {reason}")));
-            }
-            other => {
-                return Err(MigrateError::Protocol(format!(
-                    "unexpected message {other:?}"
-                )));
-            }
+            other => return Err(out_of_phase(&other, phase)),
         }
+    }
+}
+
+/// `Commit` of a migrun container: restores it, stopped, acknowledges,
+/// and lets it run once the source has released its copy.
+async fn commit(
+    root: &StateRoot,
+    opts: &InOptions,
+    ch: &mut Channel,
+    inc: &mut Incoming,
+    (id, overlay_layers, layer_store, bundle, image_dir): (
+        String,
+        Option<Vec<String>>,
+        &LayerStore,
+        &Path,
+        &Path,
+    ),
+    mut store: PageStore,
+) -> Result<String> {
+    let t = Instant::now();
+    eprintln!("migrate-in: restoring {id}");
+    if let Some(digests) = &overlay_layers {
+        mount_overlay(layer_store, digests, bundle)?;
+    }
+    let t_overlay = t.elapsed();
+    let lazy = start_lazy_pages(opts, image_dir, &mut store)?;
+    if lazy.is_none() {
+        let filled = images::complete_images(image_dir, &store)?;
+        tracing::info!(filled, "images completed");
+    }
+    drop(store);
+    let hold = crate::netmove::unquiesce_images(image_dir)?;
+    let t_lazy = t.elapsed();
+    let restored = checkpoint::restore(
+        root,
+        &RestoreOptions {
+            id: id.clone(),
+            bundle: bundle.to_path_buf(),
+            image_path: image_dir.to_path_buf(),
+            work_path: Some(image_dir.to_path_buf()),
+            tcp_established: true,
+            criu: opts.criu.clone(),
+            lazy_pages: lazy.is_some(),
+            // Stopped until the source has let go of its copy:
+            // never two running copies.
+            leave_stopped: true,
+            // The network moves along: the veths go onto the
+            // host's bridge before the first packet.
+            bridge: opts.bridge.clone(),
+            ..Default::default()
+        },
+    );
+    if let Err(e) = restored {
+        if let Some(mut lazy) = lazy {
+            lazy.abort();
+        }
+        return Err(e.into());
+    }
+    inc.restored = true;
+    let t_criu = t.elapsed();
+    crate::netmove::after_restore(root, &id, opts.bridge.as_deref(), hold)?;
+    inc.lazy = lazy;
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    eprintln!(
+        "migrate-in: restored {id} in {:.0} ms (overlay {:.0}, memory set-up {:.0}, criu restore {:.0}, network {:.0} ms){}",
+        ms(t.elapsed()),
+        ms(t_overlay),
+        ms(t_lazy - t_overlay),
+        ms(t_criu - t_lazy),
+        ms(t.elapsed() - t_criu),
+        if inc.lazy.is_some() {
+            " (memory follows from the page store)"
+        } else {
+            ""
+        }
+    );
+    ch.send(&Message::Ack).await?;
+    if let Some(merged) = inc.overlay.take() {
+        // The container's mount namespace holds the overlay now;
+        // it goes away with the container (an unmount costs
+        // milliseconds: not in the downtime).
+        let _ = nix::mount::umount2(&merged, nix::mount::MntFlags::MNT_DETACH);
+    }
+    // The images are no longer needed; the bundle stays: it is the container's.
+    let _ = fs::remove_dir_all(image_dir);
+    // The source removes its copy, then says Done: only then does
+    // ours run. Without Done the source kept (or got back) its copy.
+    expect_done(ch).await?;
+    checkpoint::continue_container(root, &id)?;
+    let _ = ch.send(&Message::Ack).await;
+    if let Some(lazy) = inc.lazy.take() {
+        memory_in_place(&id, lazy).await?;
+    }
+    Ok(id)
+}
+
+/// Waits for the source's `Done` after our first `Ack`.
+async fn expect_done(ch: &mut Channel) -> Result<()> {
+    match ch.recv().await {
+        Ok(Message::Done) => Ok(()),
+        Ok(other) => Err(MigrateError::Protocol(format!(
+            "{} message while waiting for done",
+            other.kind()
+        ))),
+        Err(e) => Err(MigrateError::Source(format!(
+            "source gone before it released the container: {e}"
+        ))),
     }
 }
 
@@ -681,9 +791,15 @@ async fn docker_start(
     host: &str,
     d: &serde_json::Value,
     ch: &mut Channel,
+    rootfs_bytes: u64,
+    work_dir: &Path,
+    root: &StateRoot,
 ) -> Result<(DockerIn, Option<PathBuf>)> {
     let daemon = Daemon::connect(host)?;
     daemon.check_driver().await?;
+    // The writable layer goes into the daemon's storage.
+    let storage = daemon.root_dir().await?;
+    check_space(&[(&storage, rootfs_bytes), (work_dir, 0)], root.path())?;
     let inspect = d["inspect"].clone();
     let name = inspect["Name"]
         .as_str()
@@ -822,19 +938,7 @@ async fn docker_commit(
         }
     );
     ch.send(&Message::Ack).await?;
-    match ch.recv().await {
-        Ok(Message::Done) => {}
-        Ok(other) => {
-            return Err(MigrateError::Protocol(format!(
-                "expected Done, got {other:?}"
-            )))
-        }
-        Err(e) => {
-            return Err(MigrateError::Peer(format!(
-                "source gone before it released the container: {e}"
-            )))
-        }
-    }
+    expect_done(ch).await?;
     let running = dock.daemon.container(&cid).await?;
     let pid = running["State"]["Pid"].as_i64().unwrap_or(0);
     let runtime = StateRoot::open(&docker::runtime_root(pid)?, false)?;
@@ -870,11 +974,6 @@ async fn memory_in_place(id: &str, lazy: LazyPages) -> Result<()> {
             "waiting for the memory of {id}: {e}"
         ))),
     }
-}
-
-/// Splits a layer file's wire path into its layer digest and relative path.
-fn layer_path(path: &str) -> Option<(&str, &str)> {
-    path.strip_prefix(layers::WIRE_PREFIX)?.split_once('/')
 }
 
 /// Mounts the overlay of `digests` (uppermost first) with `bundle/upper` as

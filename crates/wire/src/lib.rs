@@ -67,7 +67,7 @@ pub use error::{Result, WireError};
 pub use key::{generate_key_file, load_key, Key, KEY_LEN};
 pub use limit::{Bandwidth, Traffic};
 pub use message::{
-    MemoryTotals, Message, PageRun, PagesSummary, RoundStats, MAX_MESSAGE, MAX_PAYLOAD,
+    MemoryTotals, Message, PageRun, PagesSummary, RoundStats, TreeId, MAX_MESSAGE, MAX_PAYLOAD,
     MAX_RUN_PAGES, PAGE_SIZE,
 };
 

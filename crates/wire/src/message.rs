@@ -31,12 +31,16 @@ pub const MAX_RUN_PAGES: usize = MAX_PAYLOAD / PAGE_SIZE;
 
 /// One message of the migration protocol.
 ///
-/// The usual order from source to target: `Hello`, `Start`, then rounds of
-/// `Pages` and `FileChunk`/`FileDone`/`FileRemove` each closed by
-/// `RoundDone`, then `CriuImages` of the frozen container, `Commit`; the
-/// target answers `Ack` (or `Error`), and the source ends with `Done`.
-/// Either side may send `Abort`. The engine decides the exact dialogue;
-/// this crate only carries it.
+/// The order from source to target: `Hello`, `Start`; then, while setting
+/// up, the image layers the target asked for (`LayersWanted`) as trees
+/// (`FileBegin`/`FileChunk`/`Manifest` of [`TreeId::Layer`]) or a Docker
+/// image (`ImageChunk`/`ImageDone`); then rounds of `Pages` and the root
+/// filesystem's changes (`FileBegin`/`FileChunk`, then a `Manifest` of
+/// [`TreeId::Rootfs`]) each closed by `RoundDone`; `Frozen`, the last pages
+/// and changes, `CriuImages` of the frozen container, `Commit`; the target
+/// answers `Ack` (or `Error`), and the source ends with `Done`. Either side
+/// may send `Abort`. The engine's receiver takes each message only in the
+/// phase where it belongs; this crate only carries them.
 ///
 /// The enum is deliberately exhaustive, so that code matching on it is told
 /// by the compiler when a message is added (which bumps
@@ -60,27 +64,52 @@ pub enum Message {
     },
     /// A run of consecutive pages of one process.
     Pages(PageRun),
-    /// A piece of a file of the container's root file system (or upper layer).
-    FileChunk {
-        /// Path of the file, relative to the root the engine agreed on.
+    /// A regular file of a tree starts afresh: `size` bytes, all hole
+    /// until its data ([`Message::FileChunk`]s, which follow at once) fill
+    /// the parts that hold data. A sparse file's holes never cross.
+    FileBegin {
+        /// The tree the file belongs to.
+        tree: TreeId,
+        /// Path of the file, relative to the tree's root.
         path: String,
-        /// Offset of `data` in the file.
+        /// Its size in bytes (apparent size: data and holes).
+        size: u64,
+    },
+    /// Data of the file of the last [`Message::FileBegin`].
+    FileChunk {
+        /// Path of the file (the same as in its `FileBegin`).
+        path: String,
+        /// Offset of `data` in the file (within its size).
         offset: u64,
         /// The bytes.
         data: Bytes,
     },
-    /// A file is complete.
-    FileDone {
-        /// Path of the file.
-        path: String,
-        /// Its final size (the target truncates to it).
+    /// A piece of the manifest of a tree: every path with its kind and
+    /// metadata, as JSON; the target applies it once the last piece is in.
+    Manifest {
+        /// The tree it describes.
+        tree: TreeId,
+        /// The bytes of this piece.
+        data: Bytes,
+        /// Whether this is the last piece.
+        last: bool,
+    },
+    /// A piece of a Docker image (`docker save` without the layers the
+    /// target has), in order.
+    ImageChunk {
+        /// Offset of `data` in the image tarball.
+        offset: u64,
+        /// The bytes.
+        data: Bytes,
+    },
+    /// The Docker image is complete: the target loads it and answers `Ack`.
+    ImageDone {
+        /// The tarball's size.
         size: u64,
     },
-    /// A file was removed on the source.
-    FileRemove {
-        /// Path of the file.
-        path: String,
-    },
+    /// The container is frozen: the last pages and changes, then CRIU's
+    /// images and `Commit`, follow.
+    Frozen,
     /// A pre-copy round is complete.
     RoundDone {
         /// The round's number, from 0.
@@ -120,6 +149,25 @@ pub enum Message {
         /// Digests of the layers to send, from the offer.
         digests: Vec<String>,
     },
+}
+
+/// Which file tree a [`Message::FileBegin`] or [`Message::Manifest`] is about.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum TreeId {
+    /// The container's root filesystem, or the upper directory of an
+    /// overlay (or Docker) one: the tree the rounds sync.
+    Rootfs,
+    /// A read-only image layer the target asked for, by content digest.
+    Layer(String),
+}
+
+impl fmt::Display for TreeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TreeId::Rootfs => f.write_str("root filesystem"),
+            TreeId::Layer(d) => write!(f, "layer {d}"),
+        }
+    }
 }
 
 /// Totals announced with [`Message::Start`], for progress reporting.
@@ -260,14 +308,25 @@ impl fmt::Debug for Message {
                 .field("offset", offset)
                 .field("len", &data.len())
                 .finish(),
-            Message::FileDone { path, size } => f
-                .debug_struct("FileDone")
+            Message::FileBegin { tree, path, size } => f
+                .debug_struct("FileBegin")
+                .field("tree", tree)
                 .field("path", path)
                 .field("size", size)
                 .finish(),
-            Message::FileRemove { path } => {
-                f.debug_struct("FileRemove").field("path", path).finish()
-            }
+            Message::Manifest { tree, data, last } => f
+                .debug_struct("Manifest")
+                .field("tree", tree)
+                .field("len", &data.len())
+                .field("last", last)
+                .finish(),
+            Message::ImageChunk { offset, data } => f
+                .debug_struct("ImageChunk")
+                .field("offset", offset)
+                .field("len", &data.len())
+                .finish(),
+            Message::ImageDone { size } => f.debug_struct("ImageDone").field("size", size).finish(),
+            Message::Frozen => f.write_str("Frozen"),
             Message::RoundDone { round, stats } => f
                 .debug_struct("RoundDone")
                 .field("round", round)
@@ -300,8 +359,7 @@ mod tag {
     pub const START: u8 = 2;
     pub const PAGES: u8 = 3;
     pub const FILE_CHUNK: u8 = 4;
-    pub const FILE_DONE: u8 = 5;
-    pub const FILE_REMOVE: u8 = 6;
+    // 5 and 6 were FileDone and FileRemove (protocol 2).
     pub const ROUND_DONE: u8 = 7;
     pub const CRIU_IMAGES: u8 = 8;
     pub const COMMIT: u8 = 9;
@@ -310,6 +368,17 @@ mod tag {
     pub const ERROR: u8 = 12;
     pub const DONE: u8 = 13;
     pub const LAYERS_WANTED: u8 = 14;
+    pub const FILE_BEGIN: u8 = 15;
+    pub const MANIFEST: u8 = 16;
+    pub const IMAGE_CHUNK: u8 = 17;
+    pub const IMAGE_DONE: u8 = 18;
+    pub const FROZEN: u8 = 19;
+}
+
+/// Tree bytes on the wire.
+mod tree_tag {
+    pub const ROOTFS: u8 = 1;
+    pub const LAYER: u8 = 2;
 }
 
 impl Message {
@@ -320,8 +389,11 @@ impl Message {
             Message::Start { .. } => "start",
             Message::Pages(_) => "pages",
             Message::FileChunk { .. } => "file-chunk",
-            Message::FileDone { .. } => "file-done",
-            Message::FileRemove { .. } => "file-remove",
+            Message::FileBegin { .. } => "file-begin",
+            Message::Manifest { .. } => "manifest",
+            Message::ImageChunk { .. } => "image-chunk",
+            Message::ImageDone { .. } => "image-done",
+            Message::Frozen => "frozen",
             Message::RoundDone { .. } => "round-done",
             Message::CriuImages { .. } => "criu-images",
             Message::Commit => "commit",
@@ -337,7 +409,10 @@ impl Message {
     pub fn payload_len(&self) -> usize {
         match self {
             Message::Pages(run) => run.data.len(),
-            Message::FileChunk { data, .. } | Message::CriuImages { data, .. } => data.len(),
+            Message::FileChunk { data, .. }
+            | Message::CriuImages { data, .. }
+            | Message::Manifest { data, .. }
+            | Message::ImageChunk { data, .. } => data.len(),
             _ => 0,
         }
     }
@@ -384,15 +459,28 @@ impl Message {
                 out.put_u64_le(*offset);
                 put_bytes(out, data)?;
             }
-            Message::FileDone { path, size } => {
-                out.put_u8(tag::FILE_DONE);
+            Message::FileBegin { tree, path, size } => {
+                out.put_u8(tag::FILE_BEGIN);
+                put_tree(out, tree)?;
                 put_str(out, path)?;
                 out.put_u64_le(*size);
             }
-            Message::FileRemove { path } => {
-                out.put_u8(tag::FILE_REMOVE);
-                put_str(out, path)?;
+            Message::Manifest { tree, data, last } => {
+                out.put_u8(tag::MANIFEST);
+                put_tree(out, tree)?;
+                put_bytes(out, data)?;
+                out.put_u8(u8::from(*last));
             }
+            Message::ImageChunk { offset, data } => {
+                out.put_u8(tag::IMAGE_CHUNK);
+                out.put_u64_le(*offset);
+                put_bytes(out, data)?;
+            }
+            Message::ImageDone { size } => {
+                out.put_u8(tag::IMAGE_DONE);
+                out.put_u64_le(*size);
+            }
+            Message::Frozen => out.put_u8(tag::FROZEN),
             Message::RoundDone { round, stats } => {
                 out.put_u8(tag::ROUND_DONE);
                 out.put_u32_le(*round);
@@ -470,11 +558,26 @@ impl Message {
                 offset: r.u64()?,
                 data: r.bytes()?,
             },
-            tag::FILE_DONE => Message::FileDone {
+            tag::FILE_BEGIN => Message::FileBegin {
+                tree: r.tree()?,
                 path: r.string()?,
                 size: r.u64()?,
             },
-            tag::FILE_REMOVE => Message::FileRemove { path: r.string()? },
+            tag::MANIFEST => Message::Manifest {
+                tree: r.tree()?,
+                data: r.bytes()?,
+                last: match r.u8()? {
+                    0 => false,
+                    1 => true,
+                    b => return Err(WireError::Malformed(format!("manifest flag {b}"))),
+                },
+            },
+            tag::IMAGE_CHUNK => Message::ImageChunk {
+                offset: r.u64()?,
+                data: r.bytes()?,
+            },
+            tag::IMAGE_DONE => Message::ImageDone { size: r.u64()? },
+            tag::FROZEN => Message::Frozen,
             tag::ROUND_DONE => Message::RoundDone {
                 round: r.u32()?,
                 stats: RoundStats {
@@ -606,6 +709,17 @@ fn put_str(out: &mut Vec<u8>, s: &str) -> Result<()> {
     put_bytes(out, s.as_bytes())
 }
 
+fn put_tree(out: &mut Vec<u8>, tree: &TreeId) -> Result<()> {
+    match tree {
+        TreeId::Rootfs => out.put_u8(tree_tag::ROOTFS),
+        TreeId::Layer(d) => {
+            out.put_u8(tree_tag::LAYER);
+            put_str(out, d)?;
+        }
+    }
+    Ok(())
+}
+
 struct Decoder {
     buf: Bytes,
     pos: usize,
@@ -661,6 +775,14 @@ impl Decoder {
         let b = self.buf.slice(self.pos..self.pos + n);
         self.pos += n;
         Ok(b)
+    }
+
+    fn tree(&mut self) -> Result<TreeId> {
+        match self.u8()? {
+            tree_tag::ROOTFS => Ok(TreeId::Rootfs),
+            tree_tag::LAYER => Ok(TreeId::Layer(self.string()?)),
+            b => Err(WireError::Malformed(format!("unknown tree {b}"))),
+        }
     }
 
     fn string(&mut self) -> Result<String> {

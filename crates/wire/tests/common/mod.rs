@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 
-use migrun_wire::{Bytes, MemoryTotals, Message, PageRun, RoundStats, PAGE_SIZE};
+use migrun_wire::{Bytes, MemoryTotals, Message, PageRun, RoundStats, TreeId, PAGE_SIZE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -123,13 +123,27 @@ pub fn all_messages() -> Vec<Message> {
             offset: 1 << 40,
             data: Bytes::from(vec![0xee; 256 << 10]),
         },
-        Message::FileDone {
-            path: "upper/etc/hostname".into(),
+        Message::FileBegin {
+            tree: TreeId::Rootfs,
+            path: "etc/hostname".into(),
             size: 9,
         },
-        Message::FileRemove {
-            path: "upper/tmp/gone".into(),
+        Message::FileBegin {
+            tree: TreeId::Layer(format!("sha256:{}", "cd".repeat(32))),
+            path: "bin/sh".into(),
+            size: 1 << 40,
         },
+        Message::Manifest {
+            tree: TreeId::Rootfs,
+            data: Bytes::from_static(b"{}"),
+            last: true,
+        },
+        Message::ImageChunk {
+            offset: 3,
+            data: Bytes::from_static(b"tar"),
+        },
+        Message::ImageDone { size: 6 },
+        Message::Frozen,
         Message::RoundDone {
             round: 7,
             stats: RoundStats {
@@ -166,15 +180,18 @@ pub fn all_messages() -> Vec<Message> {
         },
     ];
     // Fails to compile when a message is added, so this list gets it too.
-    let mut seen = [false; 14];
+    let mut seen = [false; 17];
     for m in &msgs {
         let i = match m {
             Message::Hello { .. } => 0,
             Message::Start { .. } => 1,
             Message::Pages(_) => 2,
             Message::FileChunk { .. } => 3,
-            Message::FileDone { .. } => 4,
-            Message::FileRemove { .. } => 5,
+            Message::FileBegin { .. } => 4,
+            Message::Manifest { .. } => 5,
+            Message::ImageChunk { .. } => 14,
+            Message::ImageDone { .. } => 15,
+            Message::Frozen => 16,
             Message::RoundDone { .. } => 6,
             Message::CriuImages { .. } => 7,
             Message::Commit => 8,
