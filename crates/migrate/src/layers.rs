@@ -88,20 +88,42 @@ pub fn overlay_in(mountinfo: &str, mount_point: &Path) -> Option<Overlay> {
     found
 }
 
-/// The overlay a container's root filesystem is: the mount at `rootfs` on
-/// this host, or else the root mount of process `pid` (a container whose
-/// overlay is only mounted in its own mount namespace, as migrate-in leaves
-/// it).
-pub fn overlay_of(rootfs: &Path, pid: Option<i32>) -> Option<Overlay> {
+/// The file in a bundle where migrate-in records the overlay it mounted
+/// for the container (lower directories uppermost first, then the upper).
+pub const OVERLAY_RECORD: &str = "migrun-overlay.json";
+
+/// Records `overlay` in `bundle` (see [`OVERLAY_RECORD`]).
+pub fn record_overlay(bundle: &Path, overlay: &Overlay) -> Result<()> {
+    let json = serde_json::json!({ "lower": overlay.lower, "upper": overlay.upper });
+    let path = bundle.join(OVERLAY_RECORD);
+    fs::write(&path, json.to_string())
+        .map_err(|e| MigrateError::Target(format!("write {}: {e}", path.display())))
+}
+
+/// The overlay a container's root filesystem is: the mount at `rootfs` in
+/// this host's mount table, or else the one migrate-in recorded in the
+/// bundle when it restored the container (it leaves the overlay mounted
+/// only in the container's mount namespace).
+///
+/// The container's own mount table is never asked: a container that may
+/// mount could name any host directory there as a lower layer, and the
+/// source would read it and send it.
+pub fn overlay_of(rootfs: &Path, bundle: &Path) -> Option<Overlay> {
     let host = fs::canonicalize(rootfs).ok().and_then(|p| {
         fs::read_to_string("/proc/self/mountinfo")
             .ok()
             .and_then(|m| overlay_in(&m, &p))
     });
     host.or_else(|| {
-        let pid = pid?;
-        let m = fs::read_to_string(format!("/proc/{pid}/mountinfo")).ok()?;
-        overlay_in(&m, Path::new("/"))
+        let v: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(bundle.join(OVERLAY_RECORD)).ok()?).ok()?;
+        let lower: Vec<PathBuf> = v["lower"]
+            .as_array()?
+            .iter()
+            .filter_map(|p| p.as_str().map(PathBuf::from))
+            .collect();
+        let upper = PathBuf::from(v["upper"].as_str()?);
+        (!lower.is_empty()).then_some(Overlay { lower, upper })
     })
 }
 

@@ -763,7 +763,7 @@ async fn migrate(
             src.rootfs = d.upper.clone();
             None
         }
-        None => layers::overlay_of(&src.rootfs, container.pid().map(|p| p.as_raw())),
+        None => layers::overlay_of(&src.rootfs, &bundle),
     };
     let mut offered = Vec::new();
     let mut layer_bytes = Vec::new();

@@ -1001,6 +1001,15 @@ fn mount_overlay(store: &LayerStore, digests: &[String], bundle: &Path) -> Resul
         upper.display(),
         work.display()
     );
+    // What the next migration of this container offers (the overlay will
+    // be mounted in the container's mount namespace only).
+    layers::record_overlay(
+        bundle,
+        &layers::Overlay {
+            lower: lower.iter().map(PathBuf::from).collect(),
+            upper: upper.clone(),
+        },
+    )?;
     nix::mount::mount(
         Some("overlay"),
         &merged,
