@@ -7,7 +7,8 @@
 # the current migrun_migrate::tree / rootfs, on the same tree in the same
 # run, old and new alternating, BENCH_RUNS runs after BENCH_WARMUP warm-up
 # runs (caches warm). Phases: snapshot (source walk), read (round 0: every
-# file's data), write (target: every file into an empty directory), apply
+# file's data; read.shipped: with each source's own buffer allocation),
+# write (target: every file into an empty directory), apply
 # (round 0's manifest), round.source / round.target (a later round with
 # nothing changed: snapshot + changed files, manifest applied). The first
 # warm-up run checks both copies against the tree.
@@ -37,7 +38,7 @@ set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-[[ ${1:-} != -h && ${1:-} != --help ]] || { sed -n '2,35s/^# \{0,1\}//p' "$0"; exit 0; }
+[[ ${1:-} != -h && ${1:-} != --help ]] || { sed -n '2,36s/^# \{0,1\}//p' "$0"; exit 0; }
 [[ $# -eq 0 ]] || die "no arguments expected (see $0 --help)"
 
 RUNS=${BENCH_RUNS:-20}
@@ -178,7 +179,9 @@ lines.append("")
 lines.append(f"Median (p25-p75) in ms of {env['runs']} runs per side after {env['warmup']} warm-up runs, "
              "old and new alternating which goes first; new/old: ratio of the medians, and the median "
              "(min-max) of the per-run ratios (the two sides of one run back to back). "
-             "round = round.source + round.target; total = every phase.")
+             "read.shipped: read with each source's own buffer (old: a zeroed 4 MiB buffer per file, "
+             "as the old Source::stream_file; new: one per round, as Source::send_tree). "
+             "round = round.source + round.target; total = every phase but read.shipped.")
 for t in targets:
     lines += ["", f"## Target on {t} ({env['target_fs_' + t]})", ""]
     lines.append("| phase | old ms | new ms | new/old | new/old per run |")

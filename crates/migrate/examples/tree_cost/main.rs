@@ -25,6 +25,9 @@
 //!   `File::open(root.join(rel))` and `read` until end of file, as the old
 //!   `Source::stream_file`; new: `Tree::open_regular` + `data_extents` +
 //!   `read_at`, as `Source::send_tree`), 4 MiB pieces into one buffer;
+//! - `read.shipped`: the same with each side's buffer as its source had it:
+//!   old `Source::stream_file` allocated a zeroed 4 MiB buffer per file,
+//!   new `Source::send_tree` one per round;
 //! - `write`: the target writes every file into an empty directory, the
 //!   data already in memory, in the pieces each source sends (old:
 //!   `write_chunk` per piece + `finish_file`; new: `Tree::create` once,
@@ -34,6 +37,9 @@
 //! - `round.source`: a later round with nothing changed, the source's part
 //!   (snapshot + `changed_files`, and `drop_orphan_links` for new);
 //! - `round.target`: the same round's manifest applied on the target.
+//!
+//! And two sums: `round` (`round.source` + `round.target`) and `total`
+//! (every phase but `read.shipped`).
 //!
 //! Not timed: serialising the manifest (the same serde code on both
 //! sides; its cost is printed apart), the wire, removing the copy (unless
@@ -122,9 +128,10 @@ impl Side {
 }
 
 /// The phases timed, in the order they run.
-const PHASES: [&str; 6] = [
+const PHASES: [&str; 7] = [
     "snapshot",
     "read",
+    "read.shipped",
     "write",
     "apply",
     "round.source",
@@ -222,13 +229,21 @@ fn timed<T>(f: impl FnOnce() -> T) -> (T, f64) {
 
 /// Old, source side, round 0: every file opened by path and read until
 /// end of file (the loop of the old `Source::stream_file`, less the
-/// sending). Returns the bytes read.
-fn old_read(root: &Path, snap: &old_rootfs::Snapshot, buf: &mut [u8]) -> u64 {
+/// sending), into `buf`, or with `per_file` into a zeroed 4 MiB buffer
+/// allocated for each file as `stream_file` did. Returns the bytes read.
+fn old_read(root: &Path, snap: &old_rootfs::Snapshot, buf: &mut [u8], per_file: bool) -> u64 {
     let mut bytes = 0;
     for rel in old_rootfs::changed_files(&old_rootfs::Snapshot::new(), snap) {
         let path = root.join(rel);
         let Ok(mut file) = File::open(&path) else {
             continue;
+        };
+        let mut own;
+        let buf: &mut [u8] = if per_file {
+            own = vec![0u8; FILE_CHUNK];
+            &mut own
+        } else {
+            buf
         };
         let mut offset = 0u64;
         loop {
@@ -282,17 +297,18 @@ struct On<'a> {
 
 /// One run of one side: every phase, timed; `check` compares the copy
 /// with the tree afterwards; the copy is removed unless `keep`.
-fn run_side(side: Side, on: &On, dst: &Path, buf: &mut [u8], check: bool, keep: bool) -> [f64; 6] {
+fn run_side(side: Side, on: &On, dst: &Path, buf: &mut [u8], check: bool, keep: bool) -> [f64; 7] {
     let (root, src, prep) = (on.root, on.src, on.prep);
     fs::create_dir(dst).expect("creating the empty target directory");
-    let mut t = [0.0; 6];
+    let mut t = [0.0; 7];
     match side {
         Side::Old => {
             let (snap, s) = timed(|| old_rootfs::snapshot(root).expect("old snapshot"));
             t[0] = s;
             assert_eq!(snap, prep.old_snap, "the tree changed during the benchmark");
-            t[1] = timed(|| old_read(root, &snap, buf)).1;
-            t[2] = timed(|| {
+            t[1] = timed(|| old_read(root, &snap, buf, false)).1;
+            t[2] = timed(|| old_read(root, &snap, buf, true)).1;
+            t[3] = timed(|| {
                 for f in &prep.old_files {
                     for &(off, len) in &f.pieces {
                         let data = &f.data[off as usize..off as usize + len];
@@ -302,21 +318,22 @@ fn run_side(side: Side, on: &On, dst: &Path, buf: &mut [u8], check: bool, keep: 
                 }
             })
             .1;
-            t[3] = timed(|| old_rootfs::apply_manifest(dst, &snap).expect("old apply_manifest")).1;
+            t[4] = timed(|| old_rootfs::apply_manifest(dst, &snap).expect("old apply_manifest")).1;
             let (changed, s) = timed(|| {
                 let now = old_rootfs::snapshot(root).expect("old snapshot");
                 let n = old_rootfs::changed_files(&snap, &now).len();
                 (now, n)
             });
-            t[4] = s;
+            t[5] = s;
             assert_eq!(changed.1, 0, "the tree changed during the benchmark");
-            t[5] = timed(|| old_rootfs::apply_manifest(dst, &changed.0).expect("old apply")).1;
+            t[6] = timed(|| old_rootfs::apply_manifest(dst, &changed.0).expect("old apply")).1;
         }
         Side::New => {
             let (snap, s) = timed(|| rootfs::snapshot(src).expect("new snapshot"));
             t[0] = s;
             assert_eq!(snap, prep.new_snap, "the tree changed during the benchmark");
             t[1] = timed(|| new_read(src, &snap, buf)).1;
+            t[2] = timed(|| new_read(src, &snap, &mut vec![0u8; FILE_CHUNK])).1;
             let ((target, mut applied), s) = timed(|| {
                 let target = Tree::create(dst).expect("Tree::create");
                 let mut applied = Applied::default();
@@ -330,10 +347,10 @@ fn run_side(side: Side, on: &On, dst: &Path, buf: &mut [u8], check: bool, keep: 
                 }
                 (target, applied)
             });
-            t[2] = s;
+            t[3] = s;
             // The target owns the manifest it decoded: a copy, not timed.
             let manifest = snap.clone();
-            t[3] = timed(|| {
+            t[4] = timed(|| {
                 rootfs::check_manifest(&manifest).expect("check_manifest");
                 applied.apply(&target, manifest).expect("Applied::apply");
             })
@@ -345,9 +362,9 @@ fn run_side(side: Side, on: &On, dst: &Path, buf: &mut [u8], check: bool, keep: 
                 assert_eq!(n, 0, "the tree changed during the benchmark");
                 now
             });
-            t[4] = s;
+            t[5] = s;
             now = std::hint::black_box(now);
-            t[5] = timed(|| {
+            t[6] = timed(|| {
                 rootfs::check_manifest(&now).expect("check_manifest");
                 applied.apply(&target, now).expect("Applied::apply");
             })
@@ -574,7 +591,7 @@ fn main() {
                 for (p, x) in PHASES.iter().zip(t) {
                     samples.entry((side.name(), p)).or_default().push(x);
                 }
-                let total = t.iter().sum();
+                let total = t.iter().sum::<f64>() - t[2];
                 samples
                     .entry((side.name(), "total"))
                     .or_default()
@@ -582,7 +599,7 @@ fn main() {
                 samples
                     .entry((side.name(), "round"))
                     .or_default()
-                    .push(t[4] + t[5]);
+                    .push(t[5] + t[6]);
             }
         }
         if i == 0 {
