@@ -97,17 +97,17 @@ rm -rf "$OUT/raw" "$OUT/summary.md" "$OUT/summary.json"
 mkdir -p "$OUT/raw"
 loadavg_start="$(cut -d" " -f1-3 /proc/loadavg)"
 busy_start="$(ps -eo pcpu=,comm= --sort=-pcpu | awk '$1 >= 20 {printf "%s(%s%%) ", $2, $1}' | head -c 300)"
-fstype() { stat -f -c %T "$1"; }
 # fs_of DIR: its file system type and mount options; for ext4, whether it
 # has a journal (this machine's root file system has none)
 fs_of() {
-    local src opts j=""
+    local src type opts j=""
     src="$(findmnt -no SOURCE -T "$1" 2>/dev/null || true)"
+    type="$(findmnt -no FSTYPE -T "$1" 2>/dev/null || true)"
     opts="$(findmnt -no OPTIONS -T "$1" 2>/dev/null || true)"
     if [[ -r /sys/fs/ext4/${src##*/}/journal_task ]]; then
         if [[ $(cat "/sys/fs/ext4/${src##*/}/journal_task") == "<none>" ]]; then j=", no journal"; else j=", journal"; fi
     fi
-    echo "$(fstype "$1") ($opts$j)"
+    echo "${type:-unknown} ($opts$j)"
 }
 declare -A TARGET_FS
 for t in "${TARGETS[@]}"; do
@@ -184,6 +184,10 @@ lines.append(f"Median (p25-p75) in ms of {env['runs']} runs per side after {env[
              "round = round.source + round.target; total = every phase but read.shipped.")
 for t in targets:
     lines += ["", f"## Target on {t} ({env['target_fs_' + t]})", ""]
+    if t == "disk":
+        lines += ["Every run writes a new copy (new inodes, removed at the end); write and apply include the "
+                  "file system's own allocation work and whatever else writes to that disk meanwhile: "
+                  "compare the spreads.", ""]
     lines.append("| phase | old ms | new ms | new/old | new/old per run |")
     lines.append("|---|---|---|---|---|")
     for r in res[t]["phases"]:
