@@ -8,7 +8,7 @@ export MIGRUN_BIN
 export PATH := /usr/local/sbin:/usr/local/bin:$(PATH):/root/.cargo/bin
 
 .PHONY: all deps build lint test unit-test e2e-test docker-up docker-down docker-up-b docker-down-b docker-up-ab docker-down-ab containerd-up containerd-down demo \
-        bench-shim bench bench-quick bench-suite bench-deps bench-test bench-runtime bench-checkpoint bench-migrate clean
+        bench-shim bench bench-quick bench-suite bench-deps bench-test bench-runtime bench-checkpoint bench-migrate bench-tree clean
 
 all: build
 
@@ -69,10 +69,10 @@ test: deps build lint unit-test e2e-test bench-test
 demo: build docker-up
 	@bash hack/demo.sh
 
-# The whole benchmark: runtime, checkpoint and migrate figures, then the
-# live-migration suite (hack/bench/suite.sh), which regenerates
+# The whole benchmark: runtime, checkpoint, migrate and file-sync figures,
+# then the live-migration suite (hack/bench/suite.sh), which regenerates
 # docs/benchmarks.md. bench-quick: the suite's short version only.
-bench: bench-runtime bench-checkpoint bench-migrate bench-suite bench-docker
+bench: bench-runtime bench-checkpoint bench-migrate bench-tree bench-suite bench-docker
 
 bench-deps: deps
 	@bash hack/bench/install.sh
@@ -99,6 +99,12 @@ bench-docker: build docker-up docker-up-b
 
 bench-migrate: build
 	@bash hack/bench-migrate.sh
+
+# The time cost of confined file access (crates/migrate/src/tree.rs) against
+# the path-based sync before it, on the static-web scenario's rootfs; builds
+# only its own example (crates/migrate/examples/tree_cost/).
+bench-tree: bench-deps
+	@bash hack/bench-tree.sh
 
 # The shim against containerd's io.containerd.runc.v2: RSS per container, `ctr run --rm` latency.
 bench-shim: build containerd-up
