@@ -259,6 +259,9 @@ impl Applied {
             let e = &manifest[*rel];
             let node = match &e.kind {
                 Kind::Dir => Some(Node::Dir(e.mode)),
+                // Written this round: there. Otherwise it must be from an
+                // earlier round.
+                Kind::File if touched.contains(*rel) => None,
                 Kind::File => {
                     let have = tree.stat(rel)?;
                     if have.as_ref().and_then(InodeKind::of) != Some(InodeKind::File) {

@@ -428,7 +428,10 @@ impl Tree {
             let Some(stat) = stat_at(fd.as_raw_fd(), name, &self.show(rel))? else {
                 continue;
             };
-            if stat.st_dev != self.dev {
+            // Another file system mounted inside the tree is not the
+            // container's tree (st_dev alone cannot tell: an overlay's
+            // files carry their layer's device).
+            if stat.st_dev != self.dev && is_mount_root(fd.as_raw_fd(), name) {
                 continue;
             }
             out.push(Listed {
@@ -453,19 +456,33 @@ impl Tree {
     /// checked, and only then reopened for reading through that very
     /// descriptor: a FIFO or a device swapped in is never opened.
     pub fn open_regular(&self, rel: &str) -> Result<Option<(File, FileStat)>> {
-        let (dir, name) = match self.parent(rel) {
-            Ok(p) => p,
-            Err(e) if e.is_gone() => return Ok(None),
-            Err(e) => return Err(e),
+        let names = check_rel(rel)?;
+        let opened = if rel.len() <= RESOLVE_CHUNK {
+            // One openat2 for the whole path; a link as the last component
+            // fails like one on the way (RESOLVE_NO_SYMLINKS).
+            let how = OpenHow::new()
+                .flags(OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
+                .resolve(resolve_flags());
+            let raw: Vec<&[u8]> = names.iter().map(|n| n.as_bytes()).collect();
+            nix::fcntl::openat2(
+                self.root.as_raw_fd(),
+                OsStr::from_bytes(&raw.join(&b'/')),
+                how,
+            )
+        } else {
+            match self.parent(rel) {
+                Ok((dir, name)) => nix::fcntl::openat(
+                    Some(dir.as_raw_fd()),
+                    name.as_c_str(),
+                    OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                    Mode::empty(),
+                ),
+                Err(e) => Err(e.errno().unwrap_or(Errno::EINVAL)),
+            }
         };
-        let fd = match nix::fcntl::openat(
-            Some(dir.as_raw_fd()),
-            name.as_c_str(),
-            OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        ) {
+        let fd = match opened {
             Ok(fd) => owned(fd),
-            Err(Errno::ENOENT) => return Ok(None),
+            Err(Errno::ENOENT | Errno::ELOOP | Errno::ENOTDIR | Errno::EXDEV) => return Ok(None),
             Err(e) => return Err(sys("open", self.show(rel))(e)),
         };
         let st = nix::sys::stat::fstat(fd.as_raw_fd()).map_err(sys("stat", self.show(rel)))?;
@@ -616,9 +633,15 @@ impl Tree {
             AtFlags::AT_SYMLINK_NOFOLLOW,
         )
         .map_err(sys("chown", shown()))?;
-        // chmod has no "do not follow" before Linux 6.6 (fchmodat2): go
-        // through an O_PATH descriptor of the inode itself, checked not to
-        // be a link. After chown, which clears set-id bits.
+        // After chown, which clears set-id bits. Links have no mode of
+        // their own: fchmodat2 refuses them (EOPNOTSUPP), and that is fine.
+        match fchmodat2_nofollow(d, name, mode & 0o7777) {
+            Ok(()) | Err(Errno::EOPNOTSUPP) => return self.set_time(d, name, mtime, rel),
+            Err(Errno::ENOSYS) => {}
+            Err(e) => return Err(sys("chmod", shown())(e)),
+        }
+        // Before Linux 6.6 chmod has no "do not follow": go through an
+        // O_PATH descriptor of the inode itself, checked not to be a link.
         let fd = owned(
             nix::fcntl::openat(
                 Some(d),
@@ -639,15 +662,20 @@ impl Tree {
             )
             .map_err(sys("chmod", shown()))?;
         }
+        self.set_time(d, name, mtime, rel)
+    }
+
+    /// Sets the times of `name` in `dir` without following it.
+    fn set_time(&self, dir: RawFd, name: &CStr, mtime: (i64, i64), rel: &str) -> Result<()> {
         let ts = nix::sys::time::TimeSpec::new(mtime.0, mtime.1);
         nix::sys::stat::utimensat(
-            Some(d),
-            name.as_c_str(),
+            Some(dir),
+            name,
             &ts,
             &ts,
             nix::sys::stat::UtimensatFlags::NoFollowSymlink,
         )
-        .map_err(sys("set times of", shown()))
+        .map_err(sys("set times of", self.show(rel)))
     }
 
     /// Marks the directory `rel` opaque for overlayfs, or clears the mark.
@@ -703,6 +731,44 @@ fn get_opaque(fd: RawFd) -> bool {
     // given size.
     let n = unsafe { libc::fgetxattr(fd, OPAQUE_XATTR.as_ptr(), v.as_mut_ptr().cast(), v.len()) };
     n == 1 && v[0] == b'y'
+}
+
+/// `fchmodat2(dir, name, mode, AT_SYMLINK_NOFOLLOW)` (Linux 6.6): ENOSYS
+/// before, EOPNOTSUPP for a link.
+fn fchmodat2_nofollow(dir: RawFd, name: &CStr, mode: u32) -> nix::Result<()> {
+    // SAFETY: a valid descriptor and NUL-terminated name; the kernel reads
+    // nothing else.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_fchmodat2,
+            dir,
+            name.as_ptr(),
+            mode as libc::c_uint,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    Errno::result(r).map(drop)
+}
+
+/// Whether `name` in `dir` is the root of a mount (statx's
+/// `STATX_ATTR_MOUNT_ROOT`, Linux 5.8); when the kernel cannot tell, a
+/// device different from its directory's is taken as one.
+fn is_mount_root(dir: RawFd, name: &CStr) -> bool {
+    // SAFETY: statx is plain data, valid when zeroed.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid descriptor, a NUL-terminated name and a buffer of the
+    // right type.
+    let r = unsafe {
+        libc::statx(
+            dir,
+            name.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW | libc::AT_STATX_DONT_SYNC,
+            0,
+            &mut stx,
+        )
+    };
+    let attr = libc::STATX_ATTR_MOUNT_ROOT as u64;
+    r != 0 || stx.stx_attributes_mask & attr == 0 || stx.stx_attributes & attr != 0
 }
 
 /// `lstat` of `name` in the directory `dir`; `None` if it does not exist.
@@ -957,6 +1023,66 @@ mod tests {
         assert!(t.stat(&format!("{rel}/leaf")).expect("s").is_some());
         t.remove_all(&deep[0]).expect("rm deep");
         assert!(t.stat(&deep[0]).expect("s").is_none());
+    }
+
+    /// Mounts a tmpfs at `at` (unmounted when the guard drops).
+    struct Mounted(PathBuf);
+    impl Drop for Mounted {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+    fn mount(source: &str, fstype: &str, at: &Path, data: Option<&str>) -> Mounted {
+        nix::mount::mount(
+            Some(source),
+            at,
+            Some(fstype),
+            nix::mount::MsFlags::empty(),
+            data,
+        )
+        .expect("mount (the unit tests run as root)");
+        Mounted(at.to_path_buf())
+    }
+
+    #[test]
+    fn mounts_inside_are_left_out_but_an_overlays_files_are_not() {
+        let root = tempfile::tempdir().expect("tmp");
+        fs::create_dir(root.path().join("m")).expect("mkdir");
+        fs::write(root.path().join("f"), "x").expect("w");
+        let _m = mount("tmpfs", "tmpfs", &root.path().join("m"), None);
+        fs::write(root.path().join("m/inside"), "host").expect("w");
+        let t = Tree::open(root.path()).expect("tree");
+        let (names, _) = t.list("").expect("list");
+        let names: Vec<&str> = names.iter().map(|l| l.name.as_str()).collect();
+        assert_eq!(names, vec!["f"]);
+        assert!(t.open_regular("m/inside").expect("open").is_none());
+        // A merged overlay: the lower layer's files carry the lower file
+        // system's device, and are the tree's all the same.
+        let base = tempfile::tempdir().expect("tmp");
+        let (lower, upper, work, merged) = (
+            base.path().join("l"),
+            base.path().join("u"),
+            base.path().join("w"),
+            base.path().join("m"),
+        );
+        for d in [&lower, &upper, &work, &merged] {
+            fs::create_dir(d).expect("mkdir");
+        }
+        let _l = mount("tmpfs", "tmpfs", &lower, None);
+        fs::write(lower.join("from-lower"), "l").expect("w");
+        let data = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            lower.display(),
+            upper.display(),
+            work.display()
+        );
+        let _o = mount("overlay", "overlay", &merged, Some(&data));
+        fs::write(merged.join("from-upper"), "u").expect("w");
+        let t = Tree::open(&merged).expect("tree");
+        let (names, _) = t.list("").expect("list");
+        let mut names: Vec<&str> = names.iter().map(|l| l.name.as_str()).collect();
+        names.sort();
+        assert_eq!(names, vec!["from-lower", "from-upper"]);
     }
 
     #[test]
