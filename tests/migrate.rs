@@ -2,157 +2,17 @@
 //! real containers, real memory, real faults.
 
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use migrun_tests::{
-    check_memory, counter_at, pair_key, unique_id, wait_until, Bundle, Migrun, COUNTER,
+    check_memory, counter_at, migrate_out, pair_key, path, target_rootfs, unique_id, wait_until,
+    Bundle, Migrun, Target, Tmpfs, COUNTER,
 };
-
-static PORT: AtomicU16 = AtomicU16::new(0);
-
-/// A port for this test's target (distinct per test and per test process).
-fn port() -> u16 {
-    let base = 20000 + (std::process::id() % 2000) as u16 * 10;
-    base + PORT.fetch_add(1, Ordering::SeqCst)
-}
-
-fn path(p: &Path) -> &str {
-    p.to_str().expect("utf8 path")
-}
-
-/// The target: `migrate-in --once` under its own root.
-struct Target {
-    m: Migrun,
-    child: Child,
-    addr: String,
-    work: tempfile::TempDir,
-    log: PathBuf,
-    _log_dir: tempfile::TempDir,
-}
-
-impl Target {
-    fn start(key: &Path) -> Self {
-        Self::start_with(key, &[], None)
-    }
-
-    fn start_with(key: &Path, extra: &[&str], work: Option<tempfile::TempDir>) -> Self {
-        let m = Migrun::new();
-        let addr = format!("127.0.0.1:{}", port());
-        let work = work.unwrap_or_else(|| tempfile::tempdir().expect("tmp"));
-        // The log lives outside the work directory, whose contents the tests check.
-        let log_dir = tempfile::tempdir().expect("tmp");
-        let log = log_dir.path().join("migrate-in.log");
-        let logf = fs::File::create(&log).expect("log");
-        let child = m
-            .command()
-            .args(extra)
-            .args(["migrate-in", "--listen", &addr, "--once", "--key"])
-            .arg(key)
-            .arg("--work-dir")
-            .arg(work.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(logf)
-            .spawn()
-            .expect("spawn migrate-in");
-        // Not a probe connection: with --once it would be the one migration.
-        assert!(wait_until(Duration::from_secs(5), || fs::read_to_string(
-            &log
-        )
-        .map(|l| l.contains("listening"))
-        .unwrap_or(false)));
-        Self {
-            m,
-            child,
-            addr,
-            work,
-            log,
-            _log_dir: log_dir,
-        }
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Waits for migrate-in to exit; returns its success.
-    fn finish(&mut self) -> bool {
-        for _ in 0..300 {
-            if let Ok(Some(st)) = self.child.try_wait() {
-                return st.success();
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.child.kill();
-        false
-    }
-
-    /// Files left in the target's work directory.
-    fn leftovers(&self) -> Vec<String> {
-        fs::read_dir(self.work.path())
-            .map(|d| {
-                d.flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-}
-
-impl Drop for Target {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Runs migrate-out; returns (success, stderr, stats JSON if written).
-fn migrate_out(
-    src: &Migrun,
-    id: &str,
-    target: &Target,
-    key: &Path,
-    extra: &[&str],
-) -> (bool, String, Option<serde_json::Value>) {
-    let stats = tempfile::NamedTempFile::new().expect("tmp");
-    let work = tempfile::tempdir().expect("tmp");
-    let out = src
-        .command()
-        .args(["migrate-out", id, "--to", &target.addr, "--key"])
-        .arg(key)
-        .arg("--stats-json")
-        .arg(stats.path())
-        .arg("--work-dir")
-        .arg(work.path())
-        .args(extra)
-        .stdin(Stdio::null())
-        .output()
-        .expect("spawn migrate-out");
-    let json = fs::read_to_string(stats.path())
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok());
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-        json,
-    )
-}
 
 fn counter(rootfs: &Path) -> u64 {
     counter_at(rootfs)
-}
-
-/// The target-side rootfs of a migrated container.
-fn target_rootfs(target: &Target, id: &str) -> PathBuf {
-    PathBuf::from(
-        target.m.state(id)["rootfs"]
-            .as_str()
-            .expect("rootfs")
-            .to_string(),
-    )
 }
 
 #[test]
@@ -392,22 +252,10 @@ fn restore_failing_on_target_rolls_back() {
 fn target_work_dir_too_small_rolls_back() {
     let dir = tempfile::tempdir().expect("tmp");
     let key = pair_key(dir.path());
-    let small = tempfile::tempdir().expect("tmp");
-    let st = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=512k", "tmpfs"])
-        .arg(small.path())
-        .status()
-        .expect("mount");
-    assert!(st.success());
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _u = Unmount(small.path().to_path_buf());
+    let small = Tmpfs::new("512k");
+    let work = tempfile::tempdir_in(small.path()).expect("tmp");
     let (src, id, b) = running_counter("mig-full");
-    let mut target = Target::start_with(&key, &[], Some(small));
+    let mut target = Target::start_with(&key, &[], Some(work));
     let (ok, err, _) = migrate_out(&src, &id, &target, &key, &[]);
     assert!(!ok, "migration succeeded into a full disk");
     // The target checks the space the files need before it writes any.

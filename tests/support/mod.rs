@@ -9,6 +9,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod migration;
+pub use migration::{
+    contains_bytes, migrate_out, migrate_out_with, path, port, processes_mentioning, target_rootfs,
+    Target,
+};
+
 /// Top of the repository.
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -91,9 +97,19 @@ impl Bundle {
 
     /// Makes a bundle running `args` and lets `edit` change the spec.
     pub fn with(args: &[&str], edit: impl FnOnce(&mut Value)) -> Self {
+        Self::with_in(&std::env::temp_dir(), args, edit)
+    }
+
+    /// Makes a bundle in a new directory under `parent` (e.g. a [`Tmpfs`]).
+    pub fn new_in(parent: &Path, args: &[&str]) -> Self {
+        Self::with_in(parent, args, |_| {})
+    }
+
+    /// Makes a bundle under `parent` running `args`; `edit` changes the spec.
+    pub fn with_in(parent: &Path, args: &[&str], edit: impl FnOnce(&mut Value)) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("migrun-bundle-")
-            .tempdir()
+            .tempdir_in(parent)
             .expect("tempdir");
         let status = Command::new("cp")
             .arg("-a")
@@ -260,6 +276,42 @@ impl Drop for Migrun {
                 let _ = self.command().args(["delete", "-f", &id]).output();
             }
         }
+    }
+}
+
+/// A tmpfs mounted on a fresh temporary directory; unmounted (lazily) on drop.
+pub struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (mount's `size=` option: `512k`, `2g`).
+    pub fn new(size: &str) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("migrun-tmpfs-")
+            .tempdir()
+            .expect("tempdir");
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .expect("mount");
+        assert!(st.success(), "mount tmpfs on {}", dir.path().display());
+        Self { dir }
+    }
+
+    /// Where it is mounted.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
     }
 }
 

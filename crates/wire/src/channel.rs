@@ -3,8 +3,18 @@
 //! Frame on the wire: `len: u32 BE | ciphertext | tag [16]`, where `len`
 //! counts ciphertext and tag and is authenticated as associated data. The
 //! plaintext is one encoded [`Message`].
+//!
+//! Debugging aid: when the environment variable [`CAPTURE_ENV`]
+//! (`MIGRUN_WIRE_CAPTURE`) names a file, every [`Sender`] appends the
+//! plaintext of each message it sends to that file, before sealing it, as
+//! `len: u32 BE | plaintext`. The file then holds the migration *in clear*
+//! (memory pages, file contents, CRIU images): use it only to debug, and
+//! treat it as the container's data. It is opened with `O_APPEND|O_CREAT`
+//! and, when created, mode 0600.
 
 use std::fmt;
+use std::fs::File;
+use std::io::Write;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -19,6 +29,11 @@ use crate::{read_full, Role};
 
 /// The largest frame accepted: the largest message plus the tag.
 pub const MAX_FRAME: usize = MAX_MESSAGE + TAG_LEN;
+
+/// The environment variable naming the file that senders append the
+/// plaintext of every message they send to (see the module documentation):
+/// a debugging aid that writes the migration in clear.
+pub const CAPTURE_ENV: &str = "MIGRUN_WIRE_CAPTURE";
 
 /// Bytes handed to the socket at a time, so the bandwidth cap and the
 /// traffic counters move smoothly even with 16 MiB frames.
@@ -59,6 +74,8 @@ pub struct Sender {
     traffic: Traffic,
     info: ChannelInfo,
     broken: bool,
+    /// The file named by [`CAPTURE_ENV`], when set.
+    capture: Option<File>,
 }
 
 /// The receiving half of a [`Channel`].
@@ -98,6 +115,7 @@ impl Channel {
                 traffic: p.traffic.clone(),
                 info: p.info,
                 broken: false,
+                capture: open_capture(),
             },
             rx: Receiver {
                 reader: p.reader,
@@ -203,6 +221,23 @@ impl Sender {
         Ok(())
     }
 
+    /// Sends `plaintext` as one frame, sealed exactly as [`send`](Sender::send)
+    /// seals an encoded message, whatever it holds; the length header says
+    /// `claimed_len` instead of the real length when given (and is then
+    /// what the frame is sealed with, as associated data). Only for tests
+    /// of how a peer copes with malformed frames and unknown messages.
+    #[doc(hidden)]
+    pub async fn send_raw_for_tests(
+        &mut self,
+        plaintext: &[u8],
+        claimed_len: Option<u32>,
+    ) -> Result<()> {
+        self.check()?;
+        self.begin_frame();
+        self.buf.extend_from_slice(plaintext);
+        self.seal_and_write_claiming(claimed_len).await
+    }
+
     fn check(&self) -> Result<()> {
         if self.broken {
             Err(WireError::Broken)
@@ -221,6 +256,12 @@ impl Sender {
     }
 
     async fn seal_and_write(&mut self) -> Result<()> {
+        self.seal_and_write_claiming(None).await
+    }
+
+    /// Seals the message in `buf[4..]` and writes the frame; its length
+    /// header is the real length, or `claimed` (tests only).
+    async fn seal_and_write_claiming(&mut self, claimed: Option<u32>) -> Result<()> {
         let body = self.buf.len() - 4;
         if body > MAX_MESSAGE {
             return Err(WireError::MessageTooLarge {
@@ -228,8 +269,9 @@ impl Sender {
                 max: MAX_MESSAGE as u64,
             });
         }
+        self.write_capture(body);
         // MAX_FRAME fits in a u32.
-        let header = ((body + TAG_LEN) as u32).to_be_bytes();
+        let header = claimed.unwrap_or((body + TAG_LEN) as u32).to_be_bytes();
         self.buf[..4].copy_from_slice(&header);
         // From here on a failure or a cancellation leaves the peer's frame
         // counter out of step with ours.
@@ -245,6 +287,52 @@ impl Sender {
         self.traffic.add_frame_sent();
         self.broken = false;
         Ok(())
+    }
+
+    /// Appends the plaintext in `buf[4..]` to the capture file, if any, as
+    /// `len: u32 BE | plaintext` in one write. A failing write ends the
+    /// capture (with a warning), never the migration.
+    fn write_capture(&mut self, body: usize) {
+        let Some(file) = self.capture.as_mut() else {
+            return;
+        };
+        let mut record = Vec::with_capacity(4 + body);
+        // MAX_MESSAGE fits in a u32.
+        record.extend_from_slice(&(body as u32).to_be_bytes());
+        record.extend_from_slice(&self.buf[4..]);
+        if let Err(e) = file.write_all(&record) {
+            tracing::warn!("{CAPTURE_ENV}: write failed, capture stopped: {e}");
+            self.capture = None;
+        }
+    }
+}
+
+/// Opens the file named by [`CAPTURE_ENV`] for appending (created 0600),
+/// when the variable is set; `None` otherwise or if it cannot be opened
+/// (with a warning: capturing is a debugging aid, not part of a migration).
+fn open_capture() -> Option<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = std::env::var_os(CAPTURE_ENV).filter(|p| !p.is_empty())?;
+    match std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(&path)
+    {
+        Ok(file) => {
+            tracing::warn!(
+                "{CAPTURE_ENV}: appending every message sent, in clear, to {}",
+                std::path::Path::new(&path).display()
+            );
+            Some(file)
+        }
+        Err(e) => {
+            tracing::warn!(
+                "{CAPTURE_ENV}: cannot open {}: {e}; not capturing",
+                std::path::Path::new(&path).display()
+            );
+            None
+        }
     }
 }
 
@@ -385,6 +473,71 @@ mod tests {
         // The frame was authentic, so the stream is still in step.
         tx.send(&Message::Done).await?;
         assert_eq!(b.recv().await?, Message::Done);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn capture_file_gets_each_plaintext_with_its_length() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("capture");
+        let (a, mut b) = pair(&Key::from_bytes([1; 32])).await?;
+        let (mut tx, _rx) = a.split();
+        // What open_capture does when the variable is set (not set here:
+        // the environment is shared by the tests running in parallel).
+        tx.capture = Some(
+            std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(&path)?,
+        );
+        let sent = [
+            Message::Hello {
+                agent: "capture-test".into(),
+            },
+            Message::Done,
+        ];
+        let mut expected = Vec::new();
+        for m in &sent {
+            tx.send(m).await?;
+            assert_eq!(&b.recv().await?, m);
+            let mut plain = Vec::new();
+            m.encode(&mut plain)?;
+            expected.extend_from_slice(&(plain.len() as u32).to_be_bytes());
+            expected.extend_from_slice(&plain);
+        }
+        assert_eq!(std::fs::read(&path)?, expected);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn raw_frames_for_tests_are_sealed_like_messages() -> Result<()> {
+        let key = Key::from_bytes([1; 32]);
+        let mut plain = Vec::new();
+        Message::Ack.encode(&mut plain)?;
+        // The true length: an ordinary message.
+        let (a, mut b) = pair(&key).await?;
+        let (mut tx, rx) = a.split();
+        tx.send_raw_for_tests(&plain, None).await?;
+        assert_eq!(b.recv().await?, Message::Ack);
+        // More claimed than follows, then the sender goes away.
+        let sealed = (plain.len() + TAG_LEN) as u32;
+        tx.send_raw_for_tests(&plain, Some(sealed + 100)).await?;
+        drop((tx, rx));
+        assert!(matches!(b.recv().await, Err(WireError::Truncated(_))));
+        // Fewer claimed than follow: the frame does not authenticate.
+        let (a, mut b) = pair(&key).await?;
+        let (mut tx, _rx) = a.split();
+        tx.send_raw_for_tests(&[0; 64], Some(sealed)).await?;
+        assert!(matches!(b.recv().await, Err(WireError::Decrypt)));
+        // Over the limit: refused from the header alone.
+        let (a, mut b) = pair(&key).await?;
+        let (mut tx, _rx) = a.split();
+        tx.send_raw_for_tests(&plain, Some(MAX_FRAME as u32 + 1))
+            .await?;
+        assert!(matches!(
+            b.recv().await,
+            Err(WireError::FrameTooLarge { .. })
+        ));
         Ok(())
     }
 

@@ -61,7 +61,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream, ToSocketAddrs};
 
 pub use bytes::Bytes;
-pub use channel::{Channel, ChannelInfo, Receiver, Sender, MAX_FRAME};
+pub use channel::{Channel, ChannelInfo, Receiver, Sender, CAPTURE_ENV, MAX_FRAME};
 pub use crypto::{measure_cipher, Cipher, CipherSpeed, TAG_LEN};
 pub use error::{Result, WireError};
 pub use key::{generate_key_file, load_key, Key, KEY_LEN};
