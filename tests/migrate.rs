@@ -489,6 +489,27 @@ fn overlay_rootfs_syncs_its_upper_dir_and_sends_each_layer_once() {
     };
     assert!(wait_until(Duration::from_secs(5), || count() > at_source + 2));
 
+    // The first container moves on from the target: its overlay is mounted
+    // only in its own mount namespace now, and its layers come from the
+    // record migrate-in left in its bundle (never from the container's own
+    // mount table).
+    let mut target3 = Target::start(&key);
+    let (ok, err, stats) = migrate_out(t, &id, &target3, &key, &[]);
+    assert!(ok, "migrate-out failed: {err}\ntarget: {}", target3.log());
+    assert!(target3.finish(), "migrate-in failed: {}", target3.log());
+    let stats = stats.expect("stats");
+    assert_eq!(stats["layers_total"], 1, "{stats}");
+    assert_eq!(stats["layers_sent"], 1, "{stats}");
+    let t3 = &target3.m;
+    assert_eq!(t3.ok(&["exec", &id, "cat", "/data/f"]).trim(), "before");
+    assert!(
+        !t3.run(&["exec", &id, "test", "-e", "/bin/vi"])
+            .status
+            .success(),
+        "/bin/vi deleted on the first host is back on the third"
+    );
+    t3.ok(&["delete", "-f", &id]);
+
     // A second container over the same layer: the target has it, nothing
     // of the layer crosses the wire.
     let two = OverlayBundle::new(&base.rootfs(), &["sh", "-c", COUNTER]);
@@ -508,5 +529,4 @@ fn overlay_rootfs_syncs_its_upper_dir_and_sends_each_layer_once() {
     assert_eq!(stats["bytes_layers"], 0, "{stats}");
     assert_eq!(target2.m.status(&id2), "running");
     target2.m.ok(&["delete", "-f", &id2]);
-    t.ok(&["delete", "-f", &id]);
 }

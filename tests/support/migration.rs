@@ -15,8 +15,9 @@ static PORT: AtomicU16 = AtomicU16::new(0);
 
 /// A port for this test's target (distinct per test and per test process).
 pub fn port() -> u16 {
-    let base = 20000 + (std::process::id() % 2000) as u16 * 10;
-    base + PORT.fetch_add(1, Ordering::SeqCst)
+    // 100 ports per test process (hostile.rs alone starts about 45 targets).
+    let base = 20000 + (std::process::id() % 400) as u16 * 100;
+    base + PORT.fetch_add(1, Ordering::SeqCst) % 100
 }
 
 /// `p` as a `&str`, for argument lists (test paths are UTF-8).
