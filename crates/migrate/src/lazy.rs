@@ -298,8 +298,8 @@ pub enum Request {
 }
 
 /// Parses one request of the page-server protocol; a command other than
-/// get and close, a process id over 32 bits or too many pages at once is
-/// an error naming it.
+/// get and close, a process id over 32 bits, too many pages at once or
+/// pages past the end of the address space is an error naming it.
 pub fn parse_request(head: &[u8; REQUEST_LEN]) -> Result<Request> {
     let iov = Iov::parse(head);
     match iov.cmd & PS_CMD_MASK {
@@ -311,6 +311,15 @@ pub fn parse_request(head: &[u8; REQUEST_LEN]) -> Result<Request> {
                 return Err(MigrateError::Protocol(format!(
                     "lazy-pages asked for {} pages at once",
                     iov.nr_pages
+                )));
+            }
+            // The last page's address must exist (nr_pages * PAGE fits: the
+            // count is at most 2^20).
+            let last = iov.nr_pages.saturating_sub(1) * PAGE as u64;
+            if iov.vaddr.checked_add(last).is_none() {
+                return Err(MigrateError::Protocol(format!(
+                    "lazy-pages asked for {} pages at {:#x}, past the end of the address space",
+                    iov.nr_pages, iov.vaddr
                 )));
             }
             Ok(Request::Get {
@@ -494,6 +503,12 @@ mod tests {
         assert!(req(PS_IOV_GET, 1, 0, 1 << 32).is_err());
         assert!(req(PS_IOV_GET, MAX_REQUEST_PAGES + 1, 0, 1).is_err());
         assert!(req(PS_IOV_ADD_F, 1, 0, 1).is_err());
+        // Found by the fuzz target: the page after the last one of the
+        // address space overflowed (a panic in debug builds).
+        assert!(req(PS_IOV_GET, 2, u64::MAX, 0).is_err());
+        assert!(req(PS_IOV_GET, 2, u64::MAX - 4095, 0).is_err());
+        assert!(req(PS_IOV_GET, 1, u64::MAX - 4095, 0).is_ok());
+        assert!(req(PS_IOV_GET, 0, u64::MAX, 0).is_ok());
     }
 
     #[test]
