@@ -7,7 +7,7 @@ MIGRUN_BIN := $(CURDIR)/target/release/migrun
 export MIGRUN_BIN
 export PATH := /usr/local/sbin:/usr/local/bin:$(PATH):/root/.cargo/bin
 
-.PHONY: all deps build lint test unit-test e2e-test docker-up docker-down docker-up-b docker-down-b docker-up-ab docker-down-ab containerd-up containerd-down demo \
+.PHONY: all deps build lint test unit-test fuzz fuzz-test e2e-test docker-up docker-down docker-up-b docker-down-b docker-up-ab docker-down-ab containerd-up containerd-down demo \
         bench-shim bench bench-quick bench-suite bench-deps bench-test bench-runtime bench-checkpoint bench-migrate bench-tree clean
 
 all: build
@@ -59,12 +59,25 @@ containerd-down:
 unit-test:
 	$(CARGO) test --workspace --exclude migrun-tests
 
+# The fuzz targets of fuzz/ (hack/fuzz.sh): `make fuzz` runs each one for
+# FUZZ_SECONDS against its committed corpus, and fails on a crash;
+# `make fuzz-test` is the short pass of `make test`, FUZZ_TEST_SECONDS in all.
+FUZZ_SECONDS ?= 60
+FUZZ_TEST_SECONDS ?= 30
+
+fuzz: deps
+	@FUZZ_SECONDS=$(FUZZ_SECONDS) bash hack/fuzz.sh
+
+fuzz-test: deps
+	@bash hack/fuzz.sh --no-clippy --total $(FUZZ_TEST_SECONDS)
+
 e2e-test: build docker-up docker-up-b containerd-up
 	$(CARGO) test -p migrun-tests -- --test-threads=2
 
-# The README's test command: lint, unit tests, end-to-end tests, and one tiny
+# The README's test command: lint, unit tests (with the property tests), a
+# short pass of each fuzz target, end-to-end tests, and one tiny
 # benchmark-suite scenario end to end (hack/bench/selftest.sh).
-test: deps build lint unit-test e2e-test bench-test
+test: deps build lint unit-test fuzz-test e2e-test bench-test
 
 demo: build docker-up
 	@bash hack/demo.sh

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Usage: hack/install-deps.sh [--crun]
-# Installs the Debian packages the project's tests need, and CRIU >= 4.2
+# Installs the Debian packages the project's tests need, cargo-fuzz (pinned,
+# for hack/fuzz.sh), and CRIU >= 4.2
 # (built from Debian sid's 4.2.1 source into /usr/local/sbin/criu when the
 # installed one is older or fails `criu check`). 4.2 is the first CRIU that
 # dumps inet sockets on Linux >= 6.16 (SO_PASSCRED is AF_UNIX-only there);
@@ -27,6 +28,9 @@ CRIU_RUNDIR=/dev/shm
 CRIU_PATCHES="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/criu-patches"
 CRIU_BUILD_STAMP=/usr/local/share/migrun/criu-build-id
 CRIU_WORK=/var/cache/migrun/criu-build
+# cargo-fuzz for the fuzz targets (fuzz/, hack/fuzz.sh): built from crates.io
+# with its lock file; it runs libFuzzer on stable Rust (--sanitizer none).
+CARGO_FUZZ_VERSION=0.13.2
 SRC_LIST=/etc/apt/sources.list.d/migrun-criu-src.list
 SRC_PIN=/etc/apt/preferences.d/migrun-criu-src
 # Left by earlier versions of this script (trixie's 4.1.1).
@@ -35,7 +39,7 @@ OLD_SRC_FILES=(/etc/apt/sources.list.d/migrun-trixie-src.list /etc/apt/preferenc
 PACKAGES=(
     docker.io containerd runc crun busybox-static iproute2 hyperfine iptables nftables
     libseccomp-dev pkg-config jq util-linux procps psmisc python3
-    file kmod tar xz-utils ca-certificates time gcc libc6-dev
+    file kmod tar xz-utils ca-certificates time gcc g++ libc6-dev
 )
 CRIU_BUILD_DEPS=(
     patch
@@ -243,6 +247,19 @@ ensure_iptables_restore() {
         || die "iptables-restore not found (CRIU's network lock needs it)"
 }
 
+# cargo-fuzz CARGO_FUZZ_VERSION in cargo's bin directory (libFuzzer itself is
+# built by the fuzz crate's libfuzzer-sys, with g++).
+ensure_cargo_fuzz() {
+    local cargo have
+    cargo="$(type -P cargo || echo "${CARGO_HOME:-$HOME/.cargo}/bin/cargo")"
+    [[ -x $cargo ]] || die "cargo not found: install Rust (rustup) first"
+    have="$("$cargo" fuzz --version 2>/dev/null | awk '{print $2}')" || true
+    [[ $have == "$CARGO_FUZZ_VERSION" ]] && return 0
+    log "installing cargo-fuzz $CARGO_FUZZ_VERSION (was: ${have:-none})"
+    "$cargo" install --quiet --locked --force cargo-fuzz --version "$CARGO_FUZZ_VERSION" >&2 \
+        || die "cargo install cargo-fuzz $CARGO_FUZZ_VERSION failed"
+}
+
 ensure_hugetlb_v1() {
     local mnt=/sys/fs/cgroup/hugetlb
     if awk -v m="$mnt" '$2 == m && $3 == "cgroup" {f = 1} END {exit !f}' /proc/mounts; then
@@ -259,6 +276,7 @@ ensure_hugetlb_v1() {
 
 ensure_packages "${PACKAGES[@]}"
 ensure_iptables_restore
+ensure_cargo_fuzz
 ensure_criu
 if ((with_crun)); then ensure_hugetlb_v1; fi
 echo "install-deps: ok (criu $(criu_version "$CRIU_BIN"))"

@@ -136,9 +136,19 @@ impl Pagemap {
                     _ => {}
                 }
             }
+            let vaddr = vaddr.ok_or_else(|| bad("pagemap entry without vaddr"))?;
+            let nr_pages = nr64.unwrap_or(nr32);
+            // Every page's address must exist: the target walks the runs
+            // page by page.
+            let last = nr_pages.saturating_sub(1).checked_mul(PAGE);
+            if last.and_then(|l| vaddr.checked_add(l)).is_none() {
+                return Err(bad(format!(
+                    "pagemap entry of {nr_pages} pages at {vaddr:#x} runs past the end of the address space"
+                )));
+            }
             entries.push(PagemapEntry {
-                vaddr: vaddr.ok_or_else(|| bad("pagemap entry without vaddr"))?,
-                nr_pages: nr64.unwrap_or(nr32),
+                vaddr,
+                nr_pages,
                 flags,
             });
         }
@@ -277,6 +287,30 @@ mod tests {
         };
         assert_eq!(Pagemap::parse(&map.encode()).expect("parse"), map);
         assert!(Pagemap::parse(b"junkjunkjunk").is_err());
+    }
+
+    #[test]
+    fn runs_past_the_end_of_the_address_space_are_refused() {
+        let image = |vaddr, nr_pages| {
+            Pagemap {
+                pages_id: 1,
+                entries: vec![PagemapEntry {
+                    vaddr,
+                    nr_pages,
+                    flags: PE_LAZY,
+                }],
+            }
+            .encode()
+        };
+        // Found by the pagemap fuzz target: the page store's look-up of
+        // such a run overflowed (a panic in debug builds).
+        assert!(Pagemap::parse(&image(u64::MAX - 4095, 2)).is_err());
+        assert!(Pagemap::parse(&image(0x1000, 1 << 52)).is_err());
+        assert!(Pagemap::parse(&image(0, u64::MAX)).is_err());
+        // The whole address space, its last page, nothing at its end.
+        assert!(Pagemap::parse(&image(0, 1 << 52)).is_ok());
+        assert!(Pagemap::parse(&image(u64::MAX - 4095, 1)).is_ok());
+        assert!(Pagemap::parse(&image(u64::MAX, 0)).is_ok());
     }
 
     #[test]

@@ -276,6 +276,65 @@ impl Iov {
 /// Most pages one request may ask for (a daemon asking for more is broken).
 const MAX_REQUEST_PAGES: u64 = 1 << 20;
 
+/// Length of one request of the page-server protocol
+/// (`sizeof(struct page_server_iov)`).
+pub const REQUEST_LEN: usize = Iov::SIZE;
+
+/// One request of CRIU's lazy-pages daemon to the page server, checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    /// `PS_IOV_GET`: the daemon wants `nr_pages` pages from `vaddr` of
+    /// process `pid` (its pid in the images).
+    Get {
+        /// The process.
+        pid: u32,
+        /// Address of the first page.
+        vaddr: u64,
+        /// Number of pages, at most 2^20.
+        nr_pages: u64,
+    },
+    /// `PS_IOV_CLOSE` or `PS_IOV_FORCE_CLOSE`: the daemon is done.
+    Close,
+}
+
+/// Parses one request of the page-server protocol; a command other than
+/// get and close, a process id over 32 bits, too many pages at once or
+/// pages past the end of the address space is an error naming it.
+pub fn parse_request(head: &[u8; REQUEST_LEN]) -> Result<Request> {
+    let iov = Iov::parse(head);
+    match iov.cmd & PS_CMD_MASK {
+        PS_IOV_GET => {
+            let pid = u32::try_from(iov.dst_id).map_err(|_| {
+                MigrateError::Protocol(format!("lazy-pages asked for process {}", iov.dst_id))
+            })?;
+            if iov.nr_pages > MAX_REQUEST_PAGES {
+                return Err(MigrateError::Protocol(format!(
+                    "lazy-pages asked for {} pages at once",
+                    iov.nr_pages
+                )));
+            }
+            // The last page's address must exist (nr_pages * PAGE fits: the
+            // count is at most 2^20).
+            let last = iov.nr_pages.saturating_sub(1) * PAGE as u64;
+            if iov.vaddr.checked_add(last).is_none() {
+                return Err(MigrateError::Protocol(format!(
+                    "lazy-pages asked for {} pages at {:#x}, past the end of the address space",
+                    iov.nr_pages, iov.vaddr
+                )));
+            }
+            Ok(Request::Get {
+                pid,
+                vaddr: iov.vaddr,
+                nr_pages: iov.nr_pages,
+            })
+        }
+        PS_IOV_CLOSE | PS_IOV_FORCE_CLOSE => Ok(Request::Close),
+        other => Err(MigrateError::Protocol(format!(
+            "lazy-pages sent page-server command {other:#x}"
+        ))),
+    }
+}
+
 /// Serves one daemon connection from `store`; returns the pages served.
 fn serve(listener: &TcpListener, store: &PageStore) -> Result<u64> {
     let err = |e: std::io::Error| MigrateError::Target(format!("page server: {e}"));
@@ -284,55 +343,49 @@ fn serve(listener: &TcpListener, store: &PageStore) -> Result<u64> {
     serve_conn(conn, store)
 }
 
-/// The request loop of [`serve`], on any byte stream.
-fn serve_conn<S: Read + Write>(mut conn: S, store: &PageStore) -> Result<u64> {
+/// The page server's request loop on any byte stream (the daemon's TCP
+/// connection in [`LazyPages`]): answers each request from `store` until
+/// the daemon closes the session or the stream ends; returns the pages
+/// served. A page not in `store` is served as zeroes.
+pub fn serve_conn<S: Read + Write>(mut conn: S, store: &PageStore) -> Result<u64> {
     let err = |e: std::io::Error| MigrateError::Target(format!("page server: {e}"));
     let zero = [0u8; PAGE];
     let mut served = 0u64;
-    let mut head = [0u8; Iov::SIZE];
+    let mut head = [0u8; REQUEST_LEN];
     loop {
         match conn.read_exact(&mut head) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(served),
             Err(e) => return Err(err(e)),
         }
-        let iov = Iov::parse(&head);
-        match iov.cmd & PS_CMD_MASK {
-            PS_IOV_GET => {
-                let pid = u32::try_from(iov.dst_id).map_err(|_| {
-                    MigrateError::Protocol(format!("lazy-pages asked for process {}", iov.dst_id))
-                })?;
-                if iov.nr_pages > MAX_REQUEST_PAGES {
-                    return Err(MigrateError::Protocol(format!(
-                        "lazy-pages asked for {} pages at once",
-                        iov.nr_pages
-                    )));
-                }
+        match parse_request(&head)? {
+            Request::Get {
+                pid,
+                vaddr,
+                nr_pages,
+            } => {
                 let reply = Iov {
                     cmd: PS_IOV_ADD_F | (PE_PRESENT << 16),
-                    ..iov
+                    nr_pages,
+                    vaddr,
+                    dst_id: u64::from(pid),
                 };
                 let mut out = BufWriter::with_capacity(1 << 20, &mut conn);
                 out.write_all(&reply.encode()).map_err(err)?;
-                for i in 0..iov.nr_pages {
-                    let addr = iov.vaddr + i * PAGE as u64;
+                for i in 0..nr_pages {
+                    let addr = vaddr + i * PAGE as u64;
                     // check_complete() made sure every lazy page is here; a
                     // page outside the lazy runs was never populated: zero.
                     let page = store.get(pid, addr).flatten().unwrap_or(&zero);
                     out.write_all(page).map_err(err)?;
                 }
                 out.flush().map_err(err)?;
-                served += iov.nr_pages;
+                served += nr_pages;
             }
-            PS_IOV_CLOSE | PS_IOV_FORCE_CLOSE => {
+            Request::Close => {
                 conn.write_all(&0i32.to_le_bytes()).map_err(err)?;
                 conn.flush().map_err(err)?;
                 return Ok(served);
-            }
-            other => {
-                return Err(MigrateError::Protocol(format!(
-                    "lazy-pages sent page-server command {other:#x}"
-                )))
             }
         }
     }
@@ -420,6 +473,42 @@ mod tests {
             output: Vec::new(),
         };
         assert!(serve_conn(&mut conn, &PageStore::default()).is_err());
+    }
+
+    #[test]
+    fn requests_are_parsed_and_checked() {
+        let req = |cmd, nr_pages, vaddr, dst_id| {
+            parse_request(
+                &Iov {
+                    cmd,
+                    nr_pages,
+                    vaddr,
+                    dst_id,
+                }
+                .encode(),
+            )
+        };
+        assert_eq!(
+            req(PS_IOV_GET | (PE_LAZY << 16), 3, 0x1000, 9).expect("get"),
+            Request::Get {
+                pid: 9,
+                vaddr: 0x1000,
+                nr_pages: 3
+            }
+        );
+        assert_eq!(
+            req(PS_IOV_FORCE_CLOSE, 0, 0, 0).expect("close"),
+            Request::Close
+        );
+        assert!(req(PS_IOV_GET, 1, 0, 1 << 32).is_err());
+        assert!(req(PS_IOV_GET, MAX_REQUEST_PAGES + 1, 0, 1).is_err());
+        assert!(req(PS_IOV_ADD_F, 1, 0, 1).is_err());
+        // Found by the fuzz target: the page after the last one of the
+        // address space overflowed (a panic in debug builds).
+        assert!(req(PS_IOV_GET, 2, u64::MAX, 0).is_err());
+        assert!(req(PS_IOV_GET, 2, u64::MAX - 4095, 0).is_err());
+        assert!(req(PS_IOV_GET, 1, u64::MAX - 4095, 0).is_ok());
+        assert!(req(PS_IOV_GET, 0, u64::MAX, 0).is_ok());
     }
 
     #[test]

@@ -115,4 +115,65 @@ mod tests {
         store.insert(7, 0x7f00_0000_0000, None);
         assert_eq!(store.data_bytes(), 999 * 4096);
     }
+
+    /// Property tests against a model: a map from (process, address) to
+    /// the page's content.
+    mod props {
+        use std::collections::HashMap;
+
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// Pages are at `base + 0..PAGES` pages, of processes 0..PIDS.
+        const PAGES: u64 = 24;
+        const PIDS: u32 = 3;
+
+        fn base() -> impl Strategy<Value = u64> {
+            prop_oneof![
+                Just(0),
+                Just(0x7f00_0000_0000),
+                Just(u64::MAX - PAGES * 4096 + 1)
+            ]
+        }
+
+        /// Inserts: process, page index, and the content (`None`: a zero
+        /// page; else a page filled with that byte).
+        fn ops() -> impl Strategy<Value = Vec<(u32, u64, Option<u8>)>> {
+            prop::collection::vec((0..PIDS, 0..PAGES, any::<Option<u8>>()), 0..64)
+        }
+
+        proptest! {
+            #[test]
+            fn the_store_matches_the_model(base in base(), ops in ops(), probes in prop::collection::vec((0..PIDS + 1, 0..PAGES, 0..=PAGES), 0..16)) {
+                let mut store = PageStore::default();
+                let mut model: HashMap<(u32, u64), Option<u8>> = HashMap::new();
+                for (pid, page, fill) in ops {
+                    let addr = base + page * 4096;
+                    store.insert(pid, addr, fill.map(|b| [b; 4096]).as_ref().map(|p| &p[..]));
+                    model.insert((pid, addr), fill);
+                    prop_assert_eq!(store.len(), model.len());
+                    prop_assert_eq!(store.is_empty(), model.is_empty());
+                    let data = model.values().filter(|v| v.is_some()).count() as u64 * 4096;
+                    prop_assert_eq!(store.data_bytes(), data);
+                }
+                for pid in 0..PIDS + 1 {
+                    for page in 0..PAGES {
+                        let addr = base + page * 4096;
+                        let got = store.get(pid, addr).map(|d| d.map(|p| (p.len(), p[0], p.iter().all(|b| *b == p[0]))));
+                        let want = model.get(&(pid, addr)).map(|f| f.map(|b| (4096, b, true)));
+                        prop_assert_eq!(got, want, "process {} page {:#x}", pid, addr);
+                    }
+                }
+                for (pid, first, count) in probes {
+                    let count = count.min(PAGES - first);
+                    let start = base + first * 4096;
+                    let want = (0..count)
+                        .map(|i| start + i * 4096)
+                        .find(|a| !model.contains_key(&(pid, *a)));
+                    prop_assert_eq!(store.first_missing(pid, start, count), want);
+                }
+            }
+        }
+    }
 }

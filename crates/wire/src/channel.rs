@@ -263,15 +263,9 @@ impl Sender {
     /// header is the real length, or `claimed` (tests only).
     async fn seal_and_write_claiming(&mut self, claimed: Option<u32>) -> Result<()> {
         let body = self.buf.len() - 4;
-        if body > MAX_MESSAGE {
-            return Err(WireError::MessageTooLarge {
-                len: body as u64,
-                max: MAX_MESSAGE as u64,
-            });
-        }
+        let real = frame_header(body)?;
         self.write_capture(body);
-        // MAX_FRAME fits in a u32.
-        let header = claimed.unwrap_or((body + TAG_LEN) as u32).to_be_bytes();
+        let header = claimed.map_or(real, u32::to_be_bytes);
         self.buf[..4].copy_from_slice(&header);
         // From here on a failure or a cancellation leaves the peer's frame
         // counter out of step with ours.
@@ -390,16 +384,7 @@ impl Receiver {
         if got < header.len() {
             return Err(WireError::Truncated("frame"));
         }
-        let len = u32::from_be_bytes(header) as usize;
-        if len > MAX_FRAME {
-            return Err(WireError::FrameTooLarge {
-                len: len as u64,
-                max: MAX_FRAME as u64,
-            });
-        }
-        if len < TAG_LEN + 1 {
-            return Err(WireError::FrameTooShort(len as u64));
-        }
+        let len = frame_len(header)?;
         let mut body = vec![0u8; len];
         let got = read_full(
             &mut self.reader,
@@ -418,6 +403,36 @@ impl Receiver {
         body.truncate(len - TAG_LEN);
         Ok(Bytes::from(body))
     }
+}
+
+/// The length prefix of a frame whose message encodes to `message_len`
+/// bytes; refuses a message over [`MAX_MESSAGE`].
+pub(crate) fn frame_header(message_len: usize) -> Result<[u8; 4]> {
+    if message_len > MAX_MESSAGE {
+        return Err(WireError::MessageTooLarge {
+            len: message_len as u64,
+            max: MAX_MESSAGE as u64,
+        });
+    }
+    // MAX_FRAME fits in a u32.
+    Ok(((message_len + TAG_LEN) as u32).to_be_bytes())
+}
+
+/// The length (ciphertext and tag) a frame's prefix announces; refuses one
+/// over [`MAX_FRAME`] before anything is allocated for it, and one too short
+/// to hold a tag and a message's type byte.
+pub(crate) fn frame_len(header: [u8; 4]) -> Result<usize> {
+    let len = u32::from_be_bytes(header) as usize;
+    if len > MAX_FRAME {
+        return Err(WireError::FrameTooLarge {
+            len: len as u64,
+            max: MAX_FRAME as u64,
+        });
+    }
+    if len < TAG_LEN + 1 {
+        return Err(WireError::FrameTooShort(len as u64));
+    }
+    Ok(len)
 }
 
 impl fmt::Debug for Channel {
@@ -473,6 +488,35 @@ mod tests {
         // The frame was authentic, so the stream is still in step.
         tx.send(&Message::Done).await?;
         assert_eq!(b.recv().await?, Message::Done);
+        Ok(())
+    }
+
+    #[test]
+    fn frame_headers_round_trip_and_bad_lengths_are_refused() -> Result<()> {
+        for message_len in [1, 2, 4096, MAX_MESSAGE] {
+            assert_eq!(
+                frame_len(frame_header(message_len)?)?,
+                message_len + TAG_LEN
+            );
+        }
+        assert!(matches!(
+            frame_header(MAX_MESSAGE + 1),
+            Err(WireError::MessageTooLarge { .. })
+        ));
+        assert!(matches!(
+            frame_len(((MAX_FRAME + 1) as u32).to_be_bytes()),
+            Err(WireError::FrameTooLarge { .. })
+        ));
+        assert!(matches!(
+            frame_len(u32::MAX.to_be_bytes()),
+            Err(WireError::FrameTooLarge { .. })
+        ));
+        for short in [0, 1, TAG_LEN as u32] {
+            assert!(matches!(
+                frame_len(short.to_be_bytes()),
+                Err(WireError::FrameTooShort(_))
+            ));
+        }
         Ok(())
     }
 

@@ -49,6 +49,9 @@
 mod channel;
 mod crypto;
 mod error;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod handshake;
 mod key;
 mod limit;

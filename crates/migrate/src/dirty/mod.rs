@@ -290,18 +290,20 @@ impl DirtySet {
     }
 
     /// Builds a set from `[start, end)` byte ranges in any order, possibly
-    /// overlapping; each range is widened to page boundaries.
+    /// overlapping; each range is widened to page boundaries, and an empty
+    /// one (`end <= start`) is dropped.
     pub fn from_byte_ranges(
         pid: i32,
         page_size: u64,
         ranges: impl IntoIterator<Item = (u64, u64)>,
     ) -> Self {
         let ps = page_size.max(1);
-        let set = RangeSet::from_unsorted(ranges.into_iter().map(|(s, e)| {
-            let s = s - s % ps;
-            let e = e.div_ceil(ps).saturating_mul(ps);
-            (s, e)
-        }));
+        let set =
+            RangeSet::from_unsorted(ranges.into_iter().filter(|(s, e)| s < e).map(|(s, e)| {
+                let s = s - s % ps;
+                let e = e.div_ceil(ps).saturating_mul(ps);
+                (s, e)
+            }));
         Self::from_range_set(pid, ps, &set)
     }
 
@@ -419,6 +421,9 @@ mod tests {
                 (0x1000, 0x3000),
                 (0x2fff, 0x4001),
                 (0x9000, 0x9000),
+                // Empty, so no page, though not on page boundaries.
+                (0x9800, 0x9800),
+                (0xb800, 0xa800),
             ],
         );
         assert_eq!(
@@ -456,5 +461,109 @@ mod tests {
         let prev = RangeSet::from_unsorted([(0x3000, 0x4000), (0x5000, 0x6000)]);
         let t = tracked_ranges(&maps, &prev);
         assert_eq!(t.iter().collect::<Vec<_>>(), vec![(0x1000, 0x4000)]);
+    }
+
+    /// Property tests against a model: the set of page numbers.
+    mod props {
+        use std::collections::BTreeSet;
+
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// Byte ranges lie in `base..base + PAGES * page size`.
+        const PAGES: u64 = 48;
+
+        /// A page size and a page-aligned base: at zero, in the middle, or
+        /// high up (below the last page, which a half-open range of u64
+        /// cannot end after).
+        fn space() -> impl Strategy<Value = (u64, u64)> {
+            (prop_oneof![Just(4096u64), Just(16384)], 0..3u8).prop_map(|(ps, at)| {
+                let base = match at {
+                    0 => 0,
+                    1 => 1 << 47,
+                    _ => (u64::MAX / ps - PAGES - 1) * ps,
+                };
+                (ps, base)
+            })
+        }
+
+        fn byte_ranges(ps: u64, base: u64) -> impl Strategy<Value = Vec<(u64, u64)>> {
+            let span = PAGES * ps;
+            prop::collection::vec((0..=span, 0..=span), 0..6)
+                .prop_map(move |v| v.into_iter().map(|(s, e)| (base + s, base + e)).collect())
+        }
+
+        /// The pages (as page numbers) that the byte ranges touch.
+        fn model(ps: u64, ranges: &[(u64, u64)]) -> BTreeSet<u64> {
+            ranges
+                .iter()
+                .filter(|(s, e)| s < e)
+                .flat_map(|&(s, e)| s / ps..=(e - 1) / ps)
+                .collect()
+        }
+
+        fn check(
+            set: &DirtySet,
+            ps: u64,
+            want: &BTreeSet<u64>,
+        ) -> std::result::Result<(), TestCaseError> {
+            let r = set.ranges();
+            for x in r {
+                prop_assert!(x.pages > 0 && x.start % ps == 0, "bad range in {r:?}");
+            }
+            for w in r.windows(2) {
+                prop_assert!(
+                    w[0].start + w[0].pages * ps < w[1].start,
+                    "unsorted, overlapping or adjacent: {r:?}"
+                );
+            }
+            let pages: Vec<u64> = set.pages().collect();
+            let expected: Vec<u64> = want.iter().map(|p| p * ps).collect();
+            prop_assert_eq!(pages, expected);
+            prop_assert_eq!(set.page_count(), want.len() as u64);
+            prop_assert_eq!(set.is_empty(), want.is_empty());
+            Ok(())
+        }
+
+        type Ranges = Vec<(u64, u64)>;
+
+        /// A page size, two sets of byte ranges, and addresses to look up.
+        fn case() -> impl Strategy<Value = (u64, Ranges, Ranges, Vec<u64>)> {
+            space().prop_flat_map(|(ps, base)| {
+                let addr = (0..PAGES * ps + 2 * ps).prop_map(move |a| base + a);
+                (
+                    Just(ps),
+                    byte_ranges(ps, base),
+                    byte_ranges(ps, base),
+                    prop::collection::vec(addr, 0..16),
+                )
+            })
+        }
+
+        proptest! {
+            #[test]
+            fn dirty_sets_match_the_model((ps, a, b, addrs) in case()) {
+                let (sa, sb) = (
+                    DirtySet::from_byte_ranges(1, ps, a.clone()),
+                    DirtySet::from_byte_ranges(1, ps, b.clone()),
+                );
+                let (ma, mb) = (model(ps, &a), model(ps, &b));
+                check(&sa, ps, &ma)?;
+                check(&sb, ps, &mb)?;
+                check(&sa.union(&sb), ps, &(&ma | &mb))?;
+                for &addr in &addrs {
+                    prop_assert_eq!(sa.contains(addr), ma.contains(&(addr / ps)), "{:#x}", addr);
+                }
+                // A page-aligned window from two of the addresses.
+                if let [x, y, ..] = addrs[..] {
+                    let (lo, hi) = (x.min(y) / ps * ps, x.max(y) / ps * ps);
+                    let inside = ma.range(lo / ps..hi / ps).copied().collect();
+                    check(&sa.within(lo, hi), ps, &inside)?;
+                }
+                prop_assert_eq!(sa.pid(), 1);
+                prop_assert_eq!(sa.page_size(), ps);
+            }
+        }
     }
 }

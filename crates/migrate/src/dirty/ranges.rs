@@ -151,4 +151,97 @@ mod tests {
         d.insert(100, 200);
         assert_eq!(d.iter().collect::<Vec<_>>(), vec![(50, 300)]);
     }
+
+    /// Property tests against a model: the set of the addresses themselves.
+    mod props {
+        use std::collections::BTreeSet;
+
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// Addresses are `base + 0..SPAN`, with the base at zero, in the
+        /// middle, or at the top of the address space.
+        const SPAN: u64 = 160;
+
+        fn base() -> impl Strategy<Value = u64> {
+            prop_oneof![Just(0), Just(1 << 47), Just(u64::MAX - SPAN)]
+        }
+
+        fn ranges(base: u64) -> impl Strategy<Value = Vec<(u64, u64)>> {
+            prop::collection::vec((0..=SPAN, 0..=SPAN), 0..8)
+                .prop_map(move |v| v.into_iter().map(|(s, e)| (base + s, base + e)).collect())
+        }
+
+        fn model(ranges: &[(u64, u64)]) -> BTreeSet<u64> {
+            ranges.iter().flat_map(|&(s, e)| s..e).collect()
+        }
+
+        fn points(set: &RangeSet) -> BTreeSet<u64> {
+            set.iter().flat_map(|(s, e)| s..e).collect()
+        }
+
+        /// Sorted, disjoint, non-adjacent, non-empty ranges.
+        fn check_normal(set: &RangeSet) -> Result<(), TestCaseError> {
+            let v: Vec<_> = set.iter().collect();
+            for &(s, e) in &v {
+                prop_assert!(s < e, "empty range in {v:?}");
+            }
+            for w in v.windows(2) {
+                prop_assert!(w[0].1 < w[1].0, "unsorted, overlapping or adjacent: {v:?}");
+            }
+            Ok(())
+        }
+
+        type Ranges = Vec<(u64, u64)>;
+
+        fn two_sets() -> impl Strategy<Value = (Ranges, Ranges)> {
+            base().prop_flat_map(|b| (ranges(b), ranges(b)))
+        }
+
+        proptest! {
+            #[test]
+            fn from_unsorted_holds_the_same_addresses(v in base().prop_flat_map(ranges)) {
+                let set = RangeSet::from_unsorted(v.iter().copied());
+                check_normal(&set)?;
+                prop_assert_eq!(points(&set), model(&v));
+            }
+
+            #[test]
+            fn set_operations_match_the_model((a, b) in two_sets()) {
+                let (sa, sb) = (RangeSet::from_unsorted(a.clone()), RangeSet::from_unsorted(b.clone()));
+                let (ma, mb) = (model(&a), model(&b));
+                for (got, want) in [
+                    (sa.union(&sb), &ma | &mb),
+                    (sa.intersect(&sb), &ma & &mb),
+                    (sa.subtract(&sb), &ma - &mb),
+                    (sb.subtract(&sa), &mb - &ma),
+                ] {
+                    check_normal(&got)?;
+                    prop_assert_eq!(points(&got), want);
+                }
+            }
+
+            #[test]
+            fn inserts_and_removes_match_the_model(
+                (ops, removes) in base().prop_flat_map(|b| (ranges(b), prop::collection::vec(any::<bool>(), 8)))
+            ) {
+                let mut set = RangeSet::new();
+                let mut want = BTreeSet::new();
+                for (&(s, e), &remove) in ops.iter().zip(&removes) {
+                    if remove {
+                        set.remove(s, e);
+                        for p in s..e {
+                            want.remove(&p);
+                        }
+                    } else {
+                        set.insert(s, e);
+                        want.extend(s..e);
+                    }
+                    check_normal(&set)?;
+                    prop_assert_eq!(points(&set), want.clone());
+                }
+            }
+        }
+    }
 }
