@@ -8,7 +8,7 @@ use std::fs;
 use std::path::Path;
 
 use migrun_migrate::images::{Pagemap, PagemapEntry, PE_LAZY, PE_PRESENT};
-use migrun_wire::{Bytes, MemoryTotals, Message, PageRun, RoundStats, PAGE_SIZE};
+use migrun_wire::{Bytes, MemoryTotals, Message, PageRun, RoundStats, TreeId, PAGE_SIZE};
 
 type Error = Box<dyn std::error::Error>;
 
@@ -52,18 +52,38 @@ fn messages() -> Vec<(&'static str, Message)> {
             },
         ),
         (
-            "file-done",
-            Message::FileDone {
+            "file-begin",
+            Message::FileBegin {
+                tree: TreeId::Rootfs,
                 path: "etc/hosts".into(),
                 size: 4116,
             },
         ),
         (
-            "file-remove",
-            Message::FileRemove {
-                path: "tmp/x".into(),
+            "file-begin-layer",
+            Message::FileBegin {
+                tree: TreeId::Layer(format!("sha256:{}", "ab".repeat(32))),
+                path: "bin/sh".into(),
+                size: 1 << 20,
             },
         ),
+        (
+            "manifest",
+            Message::Manifest {
+                tree: TreeId::Rootfs,
+                data: Bytes::from_static(br#"{"etc":{"kind":"Dir","mode":493,"uid":0,"gid":0,"size":0,"mtime":[1,0],"ino":2}}"#),
+                last: true,
+            },
+        ),
+        (
+            "image-chunk",
+            Message::ImageChunk {
+                offset: 0,
+                data: Bytes::from_static(b"manifest.json"),
+            },
+        ),
+        ("image-done", Message::ImageDone { size: 13 }),
+        ("frozen", Message::Frozen),
         (
             "round-done",
             Message::RoundDone {
