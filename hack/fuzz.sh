@@ -104,7 +104,8 @@ for t in "${targets[@]}"; do
         "$(fuzz_stat "$logfile" peak_rss_mb)")")
     if ((merge)); then
         tmp=$(mktemp -d "$FUZZ_DIR/target/merge-$t.XXXXXX")
-        cargo fuzz run "${FUZZ_FLAGS[@]}" "$t" "$tmp" "$corpus" "$new" -- -merge=1 \
+        # Edges only (no hit counts): a corpus of a few hundred inputs.
+        cargo fuzz run "${FUZZ_FLAGS[@]}" "$t" "$tmp" "$corpus" "$new" -- -merge=1 -use_counters=0 \
             -timeout="$FUZZ_TIMEOUT" -rss_limit_mb="$FUZZ_RSS_MB" >"$logfile.merge" 2>&1 \
             || { tail -n 20 "$logfile.merge" >&2; die "$t: merging the corpus failed"; }
         # Inputs that once crashed a target stay, under their names
