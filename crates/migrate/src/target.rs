@@ -475,6 +475,7 @@ async fn on_start(
     let mut overlay_layers = None;
     if let Some(offer) = v["overlay"]["layers"].as_array() {
         let sizes = v["overlay"]["data_bytes"].as_array();
+        let store = LayerStore::new(opts.work_dir.join("layers"));
         let mut digests = Vec::new();
         let mut wanted = Vec::new();
         let mut layer_bytes = 0u64;
@@ -485,8 +486,8 @@ async fn on_start(
                     MigrateError::Protocol("start: a layer digest is not a string".into())
                 })?
                 .to_string();
-            // Validates the digest, too.
-            if !layers::LayerStore::new(opts.work_dir.join("layers")).has(&d) {
+            // A malformed digest is not "had": want_layer refuses it below.
+            if !store.has(&d) {
                 layer_bytes = layer_bytes.saturating_add(
                     sizes
                         .and_then(|s| s.get(i))
