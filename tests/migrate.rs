@@ -255,7 +255,8 @@ fn target_work_dir_too_small_rolls_back() {
     let small = Tmpfs::new("512k");
     let work = tempfile::tempdir_in(small.path()).expect("tmp");
     let (src, id, b) = running_counter("mig-full");
-    let mut target = Target::start_with(&key, &[], Some(work));
+    // A migrated container's files go to its state root.
+    let mut target = Target::start_on(Migrun::new_in(small.path()), &key, &[], Some(work));
     let (ok, err, _) = migrate_out(&src, &id, &target, &key, &[]);
     assert!(!ok, "migration succeeded into a full disk");
     // The target checks the space the files need before it writes any.
@@ -387,11 +388,16 @@ fn target_killed_during_the_final_phase_leaves_source_running() {
         .map(|d| {
             d.flatten()
                 .map(|e| e.file_name())
-                .filter(|n| n != ".migrun-exe")
+                .filter(|n| n != ".migrun-exe" && n != ".bundles" && n != ".migrations")
                 .collect()
         })
         .unwrap_or_default();
     assert!(left_root.is_empty(), "target root left {left_root:?}");
+    assert!(
+        target.leftovers().is_empty(),
+        "target left {:?}",
+        target.leftovers()
+    );
     src.ok(&["delete", "-f", &id]);
 }
 

@@ -49,7 +49,16 @@ impl Target {
     /// Starts `migrate-in` with `extra` global arguments (before the
     /// command) on a fresh root, and on `work` if given.
     pub fn start_with(key: &Path, extra: &[&str], work: Option<tempfile::TempDir>) -> Self {
-        let m = Migrun::new();
+        Self::start_on(Migrun::new(), key, extra, work)
+    }
+
+    /// [`start_with`](Self::start_with) on the state root of `m`.
+    pub fn start_on(
+        m: Migrun,
+        key: &Path,
+        extra: &[&str],
+        work: Option<tempfile::TempDir>,
+    ) -> Self {
         let addr = format!("127.0.0.1:{}", port());
         let work = work.unwrap_or_else(|| tempfile::tempdir().expect("tmp"));
         // The log lives outside the work directory, whose contents the tests check.
@@ -103,13 +112,21 @@ impl Target {
 
     /// Files left in the target's work directory.
     pub fn leftovers(&self) -> Vec<String> {
-        fs::read_dir(self.work.path())
-            .map(|d| {
-                d.flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default()
+        let list = |dir: &Path, prefix: &str| -> Vec<String> {
+            fs::read_dir(dir)
+                .map(|d| {
+                    d.flatten()
+                        .map(|e| format!("{prefix}{}", e.file_name().to_string_lossy()))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        // The work dir, and the migrated bundles and journals in the state root.
+        let mut out = list(self.work.path(), "");
+        for sub in [".bundles", ".migrations"] {
+            out.extend(list(&self.m.root().join(sub), &format!("{sub}/")));
+        }
+        out
     }
 }
 

@@ -184,6 +184,16 @@ impl Migrun {
         }
     }
 
+    /// A fresh state root inside `parent` (a small file system, say).
+    pub fn new_in(parent: &Path) -> Self {
+        Self {
+            root: tempfile::Builder::new()
+                .prefix("migrun-root-")
+                .tempdir_in(parent)
+                .expect("tempdir"),
+        }
+    }
+
     /// The state root.
     pub fn root(&self) -> &Path {
         self.root.path()

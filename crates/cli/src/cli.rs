@@ -244,6 +244,13 @@ pub enum Command {
         /// (unix:///PATH.sock) and restore them through it
         #[arg(long)]
         docker_host: Option<String>,
+        /// Seconds of silence from a source that has started before it
+        /// counts as lost
+        #[arg(long, default_value_t = 10.0)]
+        peer_timeout: f64,
+        /// Tests only: ACTION@STEP (crash, drop, stall; a journal step)
+        #[arg(long, hide = true)]
+        inject_fault: Option<String>,
     },
     /// Live-migrate a running container to a target host (the source side)
     MigrateOut {
@@ -277,6 +284,33 @@ pub enum Command {
         /// name or id; it is removed from there after the migration
         #[arg(long)]
         docker_host: Option<String>,
+        /// Seconds of silence from the target (or of it taking nothing we
+        /// send) before it counts as lost
+        #[arg(long, default_value_t = 10.0)]
+        peer_timeout: f64,
+        /// Tests only: ACTION@STEP (crash, drop, stall; a journal step)
+        #[arg(long, hide = true)]
+        inject_fault: Option<String>,
+    },
+    /// Settle a migration whose hand-over was cut (run on each host)
+    MigrateRecover {
+        /// The container id (as the source names it)
+        id: String,
+        /// HOST:PORT of the peer's migrate-in or `migrate-recover --listen`
+        #[arg(long, conflicts_with = "listen")]
+        peer: Option<String>,
+        /// ADDR:PORT to wait on for the peer's `migrate-recover --peer`
+        #[arg(long)]
+        listen: Option<String>,
+        /// Shared key file (with --peer or --listen)
+        #[arg(long)]
+        key: Option<PathBuf>,
+        /// The side whose copy wins when the peer is gone for good
+        #[arg(long, value_parser = ["source", "target"])]
+        winner: Option<String>,
+        /// Seconds to wait for the peer
+        #[arg(long, default_value_t = 10.0)]
+        peer_timeout: f64,
     },
 }
 

@@ -17,17 +17,24 @@
 //!   it to CRIU's lazy-pages daemon after a restore without memory (or
 //!   completing CRIU's images from it, the fallback);
 //! - [`source`] and [`target`]: the two ends of one migration over
-//!   `migrun-wire`, with rollback on any failure;
+//!   `migrun-wire`, with rollback on any failure before the commit;
+//! - [`journal`] and [`recover`]: the hand-over as a two-phase commit,
+//!   journaled on both sides, and the settling of one cut in between;
 //! - [`stats`]: the figures of a migration.
 
 pub mod dirty;
 pub mod docker;
+pub mod fault;
 pub mod images;
 pub mod inbound;
+pub mod interrupt;
+pub mod journal;
 pub mod layers;
 pub mod lazy;
+pub mod liveness;
 pub mod memory;
 pub mod netmove;
+pub mod recover;
 pub mod rootfs;
 pub mod source;
 pub mod stats;
@@ -66,6 +73,19 @@ pub enum MigrateError {
     /// A Docker daemon refused or failed a request.
     #[error("docker: {0}")]
     Docker(String),
+    /// A journal could not be read or written.
+    #[error("journal: {0}")]
+    Journal(String),
+    /// The hand-over was cut and this side cannot tell alone who wins: its
+    /// copy is kept as it is until `migrun migrate-recover` settles it.
+    #[error("in doubt: {0}")]
+    InDoubt(String),
+    /// The source rolled the migration back and said so.
+    #[error("the source rolled back: {0}")]
+    Aborted(String),
+    /// A signal ended the migration before its commit; it was rolled back.
+    #[error("interrupted by {0}: rolled back, the container runs on the source")]
+    Interrupted(&'static str),
 }
 
 /// Result type of the engine.

@@ -20,6 +20,10 @@ use migrun_wire::{MemoryTotals, Message, RoundStats, Sender, TreeId};
 use tokio::sync::mpsc;
 
 use crate::dirty::{self, DirtyTracker};
+use crate::fault::Then;
+use crate::interrupt::Interrupts;
+use crate::journal::{Journal, Record, Role, Step};
+use crate::liveness::with_heartbeats;
 use crate::memory::{self, MemReader, Proc, PAGE};
 use crate::rootfs::{self, Entry, Kind, Snapshot};
 use crate::stats::{MigrationStats, RoundFigures};
@@ -50,6 +54,11 @@ pub struct OutOptions {
     /// Docker mode: `id` is a container of the daemon at this address
     /// (`unix:///PATH`), which removes it after the migration.
     pub docker_host: Option<String>,
+    /// The longest the target may stay silent (or take nothing we send)
+    /// before it counts as lost.
+    pub peer_timeout: Duration,
+    /// Tests only: a fault to inject at a step (`--inject-fault`).
+    pub fault: Option<crate::fault::Fault>,
 }
 
 /// Pages per message.
@@ -78,6 +87,8 @@ struct Source<'a> {
     throttle: crate::throttle::Throttle,
     /// Progress bar on a terminal: pages expected this round, pages sent so far.
     bar: Option<(u64, u64)>,
+    /// This side's journal of the hand-over, from `Start` on.
+    journal: Option<Journal>,
 }
 
 /// Prints one progress line on stderr.
@@ -128,6 +139,63 @@ impl Source<'_> {
 
     /// After a failure, the target's own account of it if it sent one
     /// (a send fails with a broken pipe when the target gave up first).
+    /// Journals `step`, then fires an injected fault set for it.
+    async fn step(&mut self, step: Step) -> Result<()> {
+        if let Some(j) = self.journal.as_mut() {
+            j.set(step)?;
+        }
+        self.fire(step).await
+    }
+
+    /// Fires an injected fault set for `step` (already journaled).
+    async fn fire(&mut self, step: Step) -> Result<()> {
+        match crate::fault::at(self.opts.fault, step) {
+            Then::Go => Ok(()),
+            Then::Drop => {
+                let _ = self.ch.shutdown().await;
+                Err(MigrateError::Peer(format!(
+                    "injected fault: connection dropped at {}",
+                    step.name()
+                )))
+            }
+            Then::Stall => loop {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+            },
+        }
+    }
+
+    /// The target's next answer that is not a heartbeat, within the peer
+    /// time-out of silence.
+    async fn reply(&mut self, waiting_for: &str) -> Result<Message> {
+        loop {
+            let r = tokio::time::timeout(self.opts.peer_timeout, self.replies.recv()).await;
+            match r {
+                Ok(Some(Ok(Message::Heartbeat))) => continue,
+                Ok(Some(Ok(Message::Error { message }))) => {
+                    return Err(MigrateError::Peer(message))
+                }
+                Ok(Some(Ok(Message::Abort { reason }))) => return Err(MigrateError::Peer(reason)),
+                Ok(Some(Ok(m))) => return Ok(m),
+                Ok(Some(Err(e))) => {
+                    return Err(MigrateError::Peer(format!(
+                        "connection lost while waiting for {waiting_for}: {e}"
+                    )))
+                }
+                Ok(None) => {
+                    return Err(MigrateError::Peer(format!(
+                        "connection lost while waiting for {waiting_for}"
+                    )))
+                }
+                Err(_) => {
+                    return Err(MigrateError::Peer(format!(
+                        "no word from the target for {:?} while waiting for {waiting_for}",
+                        self.opts.peer_timeout
+                    )))
+                }
+            }
+        }
+    }
+
     async fn peer_reason(&mut self, err: MigrateError) -> MigrateError {
         if !matches!(err, MigrateError::Wire(_)) {
             return err;
@@ -429,27 +497,13 @@ impl Source<'_> {
             self.send_image(&filtered).await?;
             // The target loads it and creates the container: wait, so that
             // its work does not overlap the freeze.
-            let reply = tokio::time::timeout(Duration::from_secs(600), self.replies.recv()).await;
-            match reply {
-                Ok(Some(Ok(Message::Ack))) => {}
-                Ok(Some(Ok(Message::Error { message }))) => {
-                    return Err(MigrateError::Peer(message))
-                }
-                Ok(Some(Ok(other))) => {
+            // (It sends heartbeats while it loads.)
+            match self.reply("the target to load the image").await? {
+                Message::Ack => {}
+                other => {
                     return Err(MigrateError::Protocol(format!(
                         "expected Ack after the image, got {other:?}"
                     )))
-                }
-                Ok(Some(Err(e))) => return Err(e.into()),
-                Ok(None) => {
-                    return Err(MigrateError::Peer(
-                        "the target closed the connection".into(),
-                    ))
-                }
-                Err(_) => {
-                    return Err(MigrateError::Peer(
-                        "the target did not load the image in 600 s".into(),
-                    ))
                 }
             }
             Ok::<u64, MigrateError>(kept)
@@ -464,7 +518,15 @@ impl Source<'_> {
 
     /// Waits for the target's `LayersWanted`.
     async fn layers_wanted(&mut self) -> Result<Vec<String>> {
-        let reply = tokio::time::timeout(Duration::from_secs(60), self.replies.recv()).await;
+        let reply = tokio::time::timeout(Duration::from_secs(60), async {
+            loop {
+                match self.replies.recv().await {
+                    Some(Ok(Message::Heartbeat)) => continue,
+                    other => return other,
+                }
+            }
+        })
+        .await;
         match reply {
             Ok(Some(Ok(Message::LayersWanted { digests }))) => Ok(digests),
             Ok(Some(Ok(Message::Error { message }))) => Err(MigrateError::Peer(message)),
@@ -710,8 +772,10 @@ async fn migrate(
         .map_err(|e| MigrateError::Source(format!("read config.json: {e}")))?;
     // Found (its version and network lock asked) now, not in the downtime.
     checkpoint::criu_binary(&opts.criu)?.has_nftables_lock();
+    let mut interrupts = Interrupts::listen()?;
     let key = migrun_wire::load_key(&opts.key)?;
-    let ch = migrun_wire::connect(opts.to.as_str(), &key).await?;
+    let mut ch = migrun_wire::connect(opts.to.as_str(), &key).await?;
+    ch.set_send_timeout(Some(opts.peer_timeout));
     if let Some(mbit) = opts.bandwidth_mbit {
         ch.bandwidth().set_mbit(Some(mbit));
     }
@@ -754,6 +818,7 @@ async fn migrate(
         throttle: crate::throttle::Throttle::new(
             &container.spec().map(|c| c.cgroup_path).unwrap_or_default(),
         ),
+        journal: None,
     };
     // An overlay root filesystem: its lower layers are offered by digest,
     // its upper directory is what the rounds sync.
@@ -777,6 +842,26 @@ async fn migrate(
     }
     let rootfs_bytes = src.open_rootfs()?;
     let procs = src.processes()?;
+    // The journal before anything touches the container (trackers,
+    // throttle, freeze); an earlier migration of it in doubt refuses this one.
+    src.journal = Some(Journal::begin(
+        root.path(),
+        Record {
+            role: Role::Source,
+            container: opts.id.clone(),
+            step: Step::Precopy,
+            peer: opts.to.clone(),
+            dir: None,
+            images: None,
+            lazy: false,
+            incomplete: false,
+            scratch: None,
+            cpu_limit: None,
+            docker_host: opts.docker_host.clone(),
+            pid: std::process::id(),
+        },
+    )?);
+    src.fire(Step::Precopy).await?;
     let resident: u64 = procs
         .iter()
         .map(|p| {
@@ -811,67 +896,42 @@ async fn migrate(
         .await?;
 
     src.start_bar(resident);
-    let result = if overlay.is_some() {
-        match src.send_wanted_layers(&offered).await {
-            Ok(()) => run_source(&mut src, &spec).await,
-            Err(e) => Err((e, None)),
+    // Up to the commit, any failure or signal rolls back.
+    let result = {
+        let work = async {
+            if overlay.is_some() {
+                src.send_wanted_layers(&offered)
+                    .await
+                    .map_err(|e| (e, None))?;
+            } else if let Some(d) = docker {
+                src.send_docker_image(d).await.map_err(|e| (e, None))?;
+            }
+            run_source(&mut src, &spec).await
+        };
+        tokio::select! {
+            r = work => r,
+            sig = interrupts.next() => Err((MigrateError::Interrupted(sig), None)),
         }
-    } else if let Some(d) = docker {
-        match src.send_docker_image(d).await {
-            Ok(()) => run_source(&mut src, &spec).await,
-            Err(e) => Err((e, None)),
-        }
-    } else {
-        run_source(&mut src, &spec).await
     };
     match result {
-        Ok(dump) => {
-            let (thread, _images, freeze) = dump;
-            let freeze_started = Some(freeze);
+        Ok((thread, _images, freeze)) => {
+            // Signals from here on are noted by the listener and ignored:
+            // the hand-over finishes.
             end_lazy_dump(thread);
             src.stats.phase("criu dump ended", freeze);
             src.throttle.release();
-            // The target holds the container, stopped. Ours must never run
-            // again before the target's may: SIGKILL every process while
-            // they are frozen (a frozen task dies on thaw without running a
-            // single instruction of its own), then let the target run its
-            // copy, and clean ours up meanwhile.
-            let killed = kill_frozen(root, &opts.id);
-            if !killed {
-                if let Err(e) = lifecycle::delete(root, &opts.id, true) {
-                    tracing::error!("delete migrated container {}: {e}", opts.id);
-                }
-            }
-            src.stats.phase("source copy killed", freeze);
-            src.ch.send(&Message::Done).await?;
-            let running = tokio::time::timeout(Duration::from_secs(30), src.replies.recv()).await;
-            let confirmed = matches!(running, Ok(Some(Ok(Message::Ack))));
-            if confirmed {
-                src.stats.phase("running on the target", freeze);
-                src.stats.downtime_ms = freeze_started
-                    .map(|f| f.elapsed().as_secs_f64() * 1000.0)
-                    .unwrap_or(src.stats.downtime_ms);
-            }
-            // The killed copy is cleaned up once the target runs: tearing
-            // down its memory (about 150 ms per GiB) is no business of the
-            // downtime. Its frozen processes cannot run meanwhile.
-            if killed {
-                if let Err(e) = lifecycle::delete(root, &opts.id, true) {
-                    tracing::error!("delete migrated container {}: {e}", opts.id);
-                }
-            }
-            if !confirmed {
-                return Err(MigrateError::Peer(format!(
-                    "container {} was handed over but the target did not confirm it runs",
-                    opts.id
-                )));
-            }
+            commit(&mut src, freeze).await?;
             src.stats.total_ms = started.elapsed().as_secs_f64() * 1000.0;
             src.stats.bytes_total = traffic.bytes_total();
             let _ = fs::remove_dir_all(opts.work_dir.join(&opts.id));
             Ok(src.stats)
         }
         Err((err, thread)) => {
+            if thread.is_none() {
+                // A cancelled dump's thread is gone with its future: end
+                // its CRIU anyway.
+                end_lazy_dump(None);
+            }
             end_lazy_dump(thread);
             src.throttle.release();
             let err = src.peer_reason(err).await;
@@ -890,14 +950,70 @@ async fn migrate(
                 })
                 .await;
             let _ = fs::remove_dir_all(opts.work_dir.join(&opts.id));
+            if let Some(mut j) = src.journal.take() {
+                let _ = j.set(Step::Aborted);
+                j.remove();
+            }
             Err(err)
         }
     }
 }
 
+/// The second phase of the hand-over, once the target has acknowledged
+/// its stopped copy: the decision journaled (`Committed`: from here on
+/// this copy never runs again), `Done` sent, and this copy removed once
+/// the target's runs with all of its memory. A cut in between leaves
+/// this copy frozen, in doubt, for `migrate-recover`.
+async fn commit(src: &mut Source<'_>, freeze: Instant) -> Result<()> {
+    let id = src.opts.id.clone();
+    let in_doubt = |e: MigrateError| {
+        MigrateError::InDoubt(format!(
+            "{e}: container {id} stays frozen here until `migrun migrate-recover {id}` settles whether the target's copy runs"
+        ))
+    };
+    src.step(Step::Committed).await.map_err(in_doubt)?;
+    src.ch
+        .send(&Message::Done)
+        .await
+        .map_err(|e| in_doubt(e.into()))?;
+    match src.reply("the target to run the container").await {
+        Ok(Message::Ack) => {}
+        Ok(other) => {
+            return Err(in_doubt(MigrateError::Protocol(format!(
+                "expected Ack, got {other:?}"
+            ))))
+        }
+        Err(e) => return Err(in_doubt(e)),
+    }
+    src.stats.phase("running on the target", freeze);
+    src.stats.downtime_ms = freeze.elapsed().as_secs_f64() * 1000.0;
+    // Its memory may still be arriving from its page store: ours stays
+    // (frozen) until it is all there.
+    match src.reply("the target's memory to be in place").await {
+        Ok(Message::Ack) => {}
+        Ok(other) => {
+            return Err(in_doubt(MigrateError::Protocol(format!(
+                "expected Ack, got {other:?}"
+            ))))
+        }
+        Err(e) => return Err(in_doubt(e)),
+    }
+    // SIGKILL while frozen: a frozen task dies on thaw without running a
+    // single instruction of its own.
+    let _ = kill_frozen(src.root, &id);
+    if let Err(e) = lifecycle::delete(src.root, &id, true) {
+        tracing::error!("delete migrated container {id}: {e}");
+    }
+    src.step(Step::Released).await?;
+    if let Some(j) = src.journal.take() {
+        j.remove();
+    }
+    Ok(())
+}
+
 /// Sends SIGKILL to every process of the (frozen) container `id`; false if
 /// any could not be signalled (the caller then deletes it before going on).
-fn kill_frozen(root: &StateRoot, id: &str) -> bool {
+pub(crate) fn kill_frozen(root: &StateRoot, id: &str) -> bool {
     let Ok(container) = root.load(id) else {
         return false;
     };
@@ -995,6 +1111,12 @@ async fn run_source(
             });
             if dirty_bps > 0.5 * bandwidth_bps || not_shrinking {
                 if let Some(share) = src.throttle.tighten() {
+                    let limit = src.throttle.original().cloned();
+                    if let Some(j) = src.journal.as_mut() {
+                        if j.record().cpu_limit.is_none() {
+                            j.update(|r| r.cpu_limit = limit).map_err(|e| (e, None))?;
+                        }
+                    }
                     src.stats.throttled = true;
                     src.stats.throttle_cpu_share = share;
                     eprintln!(
@@ -1017,7 +1139,11 @@ async fn run_source(
     src.throttle.release();
     let freeze = Instant::now();
     let at_freeze = traffic.bytes_total();
+    if let Some(j) = src.journal.as_mut() {
+        j.set(Step::Frozen).map_err(|e| (e, None))?;
+    }
     lifecycle::pause(src.root, &src.opts.id).map_err(|e| (e.into(), None))?;
+    src.fire(Step::Frozen).await.map_err(|e| (e, None))?;
     src.stats.phase("frozen", freeze);
     src.ch
         .send(&Message::Frozen)
@@ -1067,10 +1193,18 @@ async fn run_source(
     })?;
     let dump_started = Instant::now();
     let (thread, ready) = start_lazy_dump(src, spec, &images).map_err(|e| (e, None))?;
-    let ready = tokio::task::spawn_blocking(move || wait_ready(ready)).await;
-    let ready = match ready {
-        Ok(r) => r,
-        Err(e) => Err(MigrateError::Source(format!("wait for criu: {e}"))),
+    let (ready, beat) = with_heartbeats(
+        &mut src.ch,
+        src.opts.peer_timeout,
+        tokio::task::spawn_blocking(move || wait_ready(ready)),
+    )
+    .await;
+    let ready = match (ready, beat) {
+        (Ok(r), Ok(())) => r,
+        (_, Err(e)) => Err(MigrateError::Peer(format!(
+            "target lost during the dump: {e}"
+        ))),
+        (Err(e), _) => Err(MigrateError::Source(format!("wait for criu: {e}"))),
     };
     if let Err(e) = ready {
         let detail =
@@ -1082,43 +1216,31 @@ async fn run_source(
     }
     src.stats.criu_dump_ms = dump_started.elapsed().as_secs_f64() * 1000.0;
     src.stats.phase("criu dump ready", freeze);
+    if let Err(e) = src.step(Step::Dumped).await {
+        return Err((e, Some(thread)));
+    }
     let sent = send_images(&mut src.ch, &images).await;
     match sent {
         Ok(n) => src.stats.bytes_criu_images = n,
         Err(e) => return Err((e, Some(thread))),
     }
+    if let Err(e) = src.step(Step::Sent).await {
+        return Err((e, Some(thread)));
+    }
     if let Err(e) = src.ch.send(&Message::Commit).await {
         return Err((e.into(), Some(thread)));
     }
     src.stats.phase("criu images sent", freeze);
-    // The target restores; its answer ends the downtime.
-    let reply = tokio::time::timeout(Duration::from_secs(300), src.replies.recv()).await;
-    let reply = match reply {
-        Ok(Some(r)) => r,
-        Ok(None) => Err(migrun_wire::WireError::Closed),
-        Err(_) => {
-            return Err((
-                MigrateError::Peer("no answer from the target in 300 s".into()),
-                Some(thread),
-            ))
-        }
-    };
-    match reply {
+    // The target restores, stopped, and acknowledges (the first phase).
+    match src.reply("the target's restore").await {
         Ok(Message::Ack) => {}
-        Ok(Message::Error { message }) => return Err((MigrateError::Peer(message), Some(thread))),
-        Ok(Message::Abort { reason }) => return Err((MigrateError::Peer(reason), Some(thread))),
         Ok(other) => {
             return Err((
                 MigrateError::Protocol(format!("expected Ack, got {other:?}")),
                 Some(thread),
             ))
         }
-        Err(e) => {
-            return Err((
-                MigrateError::Peer(format!("connection lost before the target confirmed: {e}")),
-                Some(thread),
-            ))
-        }
+        Err(e) => return Err((e, Some(thread))),
     }
     src.stats.phase("restored on the target", freeze);
     src.stats.downtime_ms = freeze.elapsed().as_secs_f64() * 1000.0;

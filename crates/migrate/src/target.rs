@@ -14,12 +14,17 @@ use migrun_runtime::{lifecycle, StateRoot};
 use migrun_wire::{Channel, Message};
 
 use crate::docker::{self, Daemon};
+use crate::fault::{self, Fault, Then};
 use crate::inbound::{out_of_phase, Phase, Trees};
+use crate::journal::{self, Journal, Record, Role, Step};
 use crate::layers::{self, LayerStore};
 use crate::lazy::{self, LazyPages};
 use crate::store::PageStore;
 use crate::{images, MigrateError, Result};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+
+use crate::interrupt::Interrupts;
 
 /// Options of `migrate-in`.
 #[derive(Debug, Clone)]
@@ -44,11 +49,37 @@ pub struct InOptions {
     /// Docker mode: rebuild incoming Docker containers in the daemon at
     /// this address (`unix:///PATH`) and restore them through it.
     pub docker_host: Option<String>,
+    /// The longest silence taken from the source once it has started.
+    pub peer_timeout: Duration,
+    /// Tests only: a fault to inject at a step (`--inject-fault`).
+    pub fault: Option<Fault>,
+}
+
+/// Where the bundles of containers migrated into `root` live: in the state
+/// root, not in a work directory (removing that never touches a running
+/// container); `migrun delete` removes a container's bundle with it.
+pub fn bundle_dir(root: &StateRoot, id: &str) -> PathBuf {
+    root.path()
+        .join(migrun_runtime::lifecycle::MIGRATED_BUNDLES)
+        .join(id)
 }
 
 /// What the target made for one migration, to undo on failure.
 struct Incoming {
+    /// The bundle's directory (set once `Start` named the container).
     dir: PathBuf,
+    /// Scratch space (a Docker image on its way).
+    scratch: PathBuf,
+    /// The journal, from `Start` on.
+    journal: Option<Journal>,
+    /// Docker mode: the file listing what a daemon that was down could not remove.
+    pending: PathBuf,
+    /// Set once the source may have been told that the copy here is ready.
+    acked: Arc<AtomicBool>,
+    /// Set while CRIU restores (a signal then waits for it to end).
+    restoring: Arc<AtomicBool>,
+    /// Set by a signal that came during the restore: roll back after it.
+    stop: Arc<AtomicBool>,
     images: PathBuf,
     id: Option<String>,
     restored: bool,
@@ -165,10 +196,49 @@ async fn clean_docker_pending(opts: &InOptions) {
 }
 
 impl Incoming {
+    /// Journals `step`, then fires an injected fault set for it.
+    fn step(&mut self, step: Step, fault: Option<Fault>) -> Result<()> {
+        if let Some(j) = self.journal.as_mut() {
+            j.set(step)?;
+        }
+        match fault::at(fault, step) {
+            Then::Go => Ok(()),
+            Then::Drop | Then::Stall => Err(MigrateError::Source(format!(
+                "injected fault at {}",
+                step.name()
+            ))),
+        }
+    }
+
+    /// Whether the source may have been told this side's copy is ready:
+    /// from then on only the source's decision (or migrate-recover)
+    /// removes it.
+    fn acknowledged(&self) -> bool {
+        self.journal
+            .as_ref()
+            .is_some_and(|j| j.step() >= Step::Acknowledged && j.step() != Step::Aborted)
+    }
+
+    /// The hand-over was cut after this side acknowledged: its copy stays
+    /// as it is, stopped. A copy whose memory was still to come from this
+    /// process's page store cannot be whole any more: it is marked so, and
+    /// recovery gives the source's copy the win.
+    fn in_doubt(&mut self, why: &str) -> MigrateError {
+        let id = self.id.clone().unwrap_or_default();
+        if let Some(mut lazy) = self.lazy.take() {
+            lazy.abort();
+            if let Some(j) = self.journal.as_mut() {
+                let _ = j.update(|r| r.incomplete = true);
+            }
+        }
+        MigrateError::InDoubt(format!(
+            "{why}: container {id} is restored here but stays stopped, and the source's copy frozen, until `migrun migrate-recover {id}` on both hosts"
+        ))
+    }
+
     async fn undo(&mut self, root: &StateRoot) {
         if let Some(mut d) = self.docker.take() {
-            d.undo(&self.dir.with_file_name("docker-pending-removal"))
-                .await;
+            d.undo(&self.pending).await;
         }
         if let Some(mut lazy) = self.lazy.take() {
             lazy.abort();
@@ -180,8 +250,15 @@ impl Incoming {
             let _ = nix::mount::umount2(&merged, nix::mount::MntFlags::MNT_DETACH);
         }
         LayerStore::new(self.layers.clone()).discard_incoming();
-        let _ = fs::remove_dir_all(&self.dir);
+        if !self.dir.as_os_str().is_empty() {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+        let _ = fs::remove_dir_all(&self.scratch);
         let _ = fs::remove_dir_all(&self.images);
+        if let Some(mut j) = self.journal.take() {
+            let _ = j.set(Step::Aborted);
+            j.remove();
+        }
     }
 }
 
@@ -198,10 +275,38 @@ fn owner_pid(name: &str) -> Option<u32> {
         .and_then(|p| p.parse().ok())
 }
 
-/// Removes what a migrate-in that was killed mid-migration left: its
-/// incoming directories, its images, and a container it had restored
-/// (stopped, never released by the source).
+/// Settles what earlier `migrate-in`s left, from their journals, never from
+/// names: a migration cut off while receiving (its process gone) is undone;
+/// one cut off after this side acknowledged is in doubt and kept as it is
+/// for `migrun migrate-recover`; settled journals go. Scratch directories
+/// of dead processes (`incoming-<pid>-…`) go too: they never hold a
+/// container's bundle.
 fn clean_stale(root: &StateRoot, opts: &InOptions) {
+    for j in journal::all(root.path()) {
+        let r = j.record().clone();
+        if r.role != Role::Target {
+            continue;
+        }
+        if r.step.settled() {
+            j.remove();
+        } else if journal::writer_alive(r.pid) {
+            continue;
+        } else if r.step == Step::Receiving {
+            eprintln!(
+                "migrate-in: undoing the migration of {} that was cut off while receiving",
+                r.container
+            );
+            crate::recover::discard_target_copy(root, &r);
+            j.remove();
+        } else {
+            eprintln!(
+                "migrate-in: the migration of {} is in doubt ({}): its copy here stays stopped until `migrun migrate-recover {}`",
+                r.container,
+                r.step.name(),
+                r.container
+            );
+        }
+    }
     let stale = |dir: &Path| -> Vec<PathBuf> {
         fs::read_dir(dir)
             .map(|d| {
@@ -214,7 +319,6 @@ fn clean_stale(root: &StateRoot, opts: &InOptions) {
             })
             .unwrap_or_default()
     };
-    let dirs = stale(&opts.work_dir);
     // A restore that was interrupted: a state directory without state.json,
     // holding the bind mount CRIU restores the root from, or killed before
     // it made that (then at least a few seconds old: not a container that
@@ -240,25 +344,17 @@ fn clean_stale(root: &StateRoot, opts: &InOptions) {
             }
         }
     }
-    if let Ok(ids) = root.ids() {
-        for id in ids {
-            if let Ok(c) = root.load(&id) {
-                if dirs.iter().any(|d| c.bundle().starts_with(d)) {
-                    eprintln!(
-                        "migrate-in: removing container {id} left by an interrupted migration"
-                    );
-                    let _ = lifecycle::delete(root, &id, true);
-                }
-            }
-        }
-    }
-    for d in dirs.into_iter().chain(stale(Path::new("/dev/shm"))) {
+    for d in stale(&opts.work_dir)
+        .into_iter()
+        .chain(stale(Path::new("/dev/shm")))
+    {
         let _ = fs::remove_dir_all(d);
     }
 }
 
 /// Serves migrations on `opts.listen`; returns after one with `--once`.
 pub async fn migrate_in(root: &StateRoot, opts: &InOptions) -> Result<()> {
+    let mut interrupts = Interrupts::listen()?;
     clean_stale(root, opts);
     clean_docker_pending(opts).await;
     let key = migrun_wire::load_key(&opts.key)?;
@@ -267,7 +363,14 @@ pub async fn migrate_in(root: &StateRoot, opts: &InOptions) -> Result<()> {
         .map_err(|e| MigrateError::Target(format!("listen on {}: {e}", opts.listen)))?;
     eprintln!("migrate-in: listening on {}", opts.listen);
     loop {
-        let ch = match migrun_wire::accept(&listener, &key).await {
+        let accepted = tokio::select! {
+            a = migrun_wire::accept(&listener, &key) => a,
+            sig = interrupts.next() => {
+                eprintln!("migrate-in: {sig}: no migration in progress; exiting");
+                return Ok(());
+            }
+        };
+        let mut ch = match accepted {
             Ok(ch) => ch,
             Err(e) => {
                 eprintln!("migrate-in: refused a connection: {e}");
@@ -277,7 +380,10 @@ pub async fn migrate_in(root: &StateRoot, opts: &InOptions) -> Result<()> {
                 continue;
             }
         };
-        let result = receive(root, opts, ch).await;
+        // Until the source has started, the wire's own (longer) time-out;
+        // from `Start` on, the peer time-out (see receive_into).
+        ch.set_send_timeout(Some(opts.peer_timeout));
+        let result = receive(root, opts, ch, &mut interrupts).await;
         match &result {
             Ok(id) => eprintln!("migrate-in: container {id} restored and running"),
             Err(e) => eprintln!("migrate-in: migration failed: {e}"),
@@ -289,7 +395,12 @@ pub async fn migrate_in(root: &StateRoot, opts: &InOptions) -> Result<()> {
 }
 
 /// Receives one migration; returns the container id once it runs here.
-async fn receive(root: &StateRoot, opts: &InOptions, mut ch: Channel) -> Result<String> {
+async fn receive(
+    root: &StateRoot,
+    opts: &InOptions,
+    mut ch: Channel,
+    interrupts: &mut Interrupts,
+) -> Result<String> {
     let name = format!("incoming-{}-{}", std::process::id(), unique());
     // CRIU's images are read once, by the restore in the downtime: keep
     // them in memory when a tmpfs is at hand.
@@ -299,8 +410,17 @@ async fn receive(root: &StateRoot, opts: &InOptions, mut ch: Channel) -> Result<
     } else {
         opts.work_dir.join(&name).join("images")
     };
+    let acked = Arc::new(AtomicBool::new(false));
+    let restoring = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
     let mut inc = Incoming {
-        dir: opts.work_dir.join(&name),
+        dir: PathBuf::new(),
+        scratch: opts.work_dir.join(&name),
+        journal: None,
+        pending: docker_pending(opts),
+        acked: acked.clone(),
+        restoring: restoring.clone(),
+        stop: stop.clone(),
         images,
         id: None,
         restored: false,
@@ -309,9 +429,41 @@ async fn receive(root: &StateRoot, opts: &InOptions, mut ch: Channel) -> Result<
         layers: opts.work_dir.join("layers"),
         docker: None,
     };
-    let result = receive_into(root, opts, &mut ch, &mut inc).await;
+    let result = {
+        let work = receive_into(root, opts, &mut ch, &mut inc);
+        tokio::pin!(work);
+        tokio::select! {
+            r = &mut work => r,
+            sig = interrupts.next() => {
+                if acked.load(Ordering::SeqCst) {
+                    // The source may have committed: finish the hand-over.
+                    eprintln!("migrate-in: {sig}: the container is acknowledged to the source; finishing the hand-over");
+                    work.await
+                } else if restoring.load(Ordering::SeqCst) {
+                    // CRIU runs in another thread: let it end, then roll back.
+                    stop.store(true, Ordering::SeqCst);
+                    work.await.and(Err(MigrateError::Interrupted(sig)))
+                } else {
+                    Err(MigrateError::Interrupted(sig))
+                }
+            }
+        }
+    };
     match result {
         Ok(id) => Ok(id),
+        Err(e) if inc.acknowledged() && !matches!(e, MigrateError::Aborted(_)) => {
+            // Never undone on this side's own say once acknowledged.
+            let e = match e {
+                MigrateError::InDoubt(_) => e,
+                other => inc.in_doubt(&other.to_string()),
+            };
+            let _ = ch
+                .send(&Message::Error {
+                    message: e.to_string(),
+                })
+                .await;
+            Err(e)
+        }
         Err(e) => {
             inc.undo(root).await;
             let _ = ch
@@ -445,7 +597,42 @@ async fn on_start(
     let config = v["config"]
         .as_str()
         .ok_or_else(|| MigrateError::Protocol("start without config".into()))?;
+    // The journal first: it is what names everything made from here on
+    // (and refuses a container whose earlier migration is in doubt here).
+    let dir = bundle_dir(root, &container_id);
+    inc.journal = Some(Journal::begin(
+        root.path(),
+        Record {
+            role: Role::Target,
+            container: container_id.clone(),
+            step: Step::Receiving,
+            peer: ch
+                .info()
+                .peer_addr
+                .map(|a| a.to_string())
+                .unwrap_or_default(),
+            dir: Some(dir.clone()),
+            images: Some(inc.images.clone()),
+            lazy: false,
+            incomplete: false,
+            scratch: Some(inc.scratch.clone()),
+            cpu_limit: None,
+            docker_host: opts.docker_host.clone(),
+            pid: std::process::id(),
+        },
+    )?);
+    inc.id = Some(container_id.clone());
+    // Left by a migration of this id that failed before its journal:
+    // no container owns it (checked above).
+    if opts.docker_host.is_none() && dir.exists() {
+        let _ = fs::remove_dir_all(&dir);
+    }
+    inc.dir = dir;
     let bundle = inc.dir.join("bundle");
+    fs::create_dir_all(&bundle)
+        .map_err(|e| MigrateError::Target(format!("{}: {e}", bundle.display())))?;
+    fs::create_dir_all(&inc.scratch)
+        .map_err(|e| MigrateError::Target(format!("{}: {e}", inc.scratch.display())))?;
     let path = bundle.join("config.json");
     fs::write(&path, local_config(config, &container_id, root)?)
         .map_err(|e| MigrateError::Target(format!("{}: {e}", path.display())))?;
@@ -457,7 +644,7 @@ async fn on_start(
             inc.docker = Some(dock);
             rootfs_dir = upper;
             if rootfs_dir.is_none() {
-                trees.want_image(&inc.dir.join("image.tar"))?;
+                trees.want_image(&inc.scratch.join("image.tar"))?;
             }
         }
         (Some(_), None) => {
@@ -501,7 +688,7 @@ async fn on_start(
             digests.push(d);
         }
         check_space(
-            &[(&opts.work_dir, rootfs_bytes.saturating_add(layer_bytes))],
+            &[(&bundle, rootfs_bytes), (&opts.work_dir, layer_bytes)],
             root.path(),
         )?;
         for d in &wanted {
@@ -517,7 +704,7 @@ async fn on_start(
         overlay_layers = Some(digests);
         inc.overlay = Some(bundle.join("rootfs"));
     } else if inc.docker.is_none() {
-        check_space(&[(&opts.work_dir, rootfs_bytes)], root.path())?;
+        check_space(&[(&bundle, rootfs_bytes)], root.path())?;
     }
     fs::create_dir_all(bundle.join("rootfs"))
         .map_err(|e| MigrateError::Target(format!("{}: {e}", bundle.display())))?;
@@ -530,7 +717,6 @@ async fn on_start(
         memory.resident_pages,
         rootfs_bytes >> 20
     );
-    inc.id = Some(container_id.clone());
     Ok(Started {
         id: container_id,
         overlay_layers,
@@ -543,13 +729,10 @@ async fn receive_into(
     ch: &mut Channel,
     inc: &mut Incoming,
 ) -> Result<String> {
-    let bundle = inc.dir.join("bundle");
     let layer_store = LayerStore::new(opts.work_dir.join("layers"));
     let image_dir = inc.images.clone();
     let io =
         |what: &Path, e: std::io::Error| MigrateError::Target(format!("{}: {e}", what.display()));
-    fs::create_dir_all(&bundle).map_err(|e| io(&bundle, e))?;
-    fs::create_dir_all(&image_dir).map_err(|e| io(&image_dir, e))?;
     let mut store = PageStore::default();
     let mut trees = Trees::new(layer_store.clone());
     let mut phase = Phase::Hello;
@@ -557,9 +740,24 @@ async fn receive_into(
     loop {
         let msg = ch.recv().await.map_err(recv_error)?;
         if let Message::Abort { reason } = &msg {
-            return Err(MigrateError::Source(format!(
-                "the source aborted: {reason}"
-            )));
+            return Err(MigrateError::Aborted(reason.clone()));
+        }
+        if matches!(msg, Message::Heartbeat) {
+            continue;
+        }
+        if let (
+            Phase::Hello,
+            Message::Recover {
+                container,
+                step,
+                whole,
+            },
+        ) = (phase, &msg)
+        {
+            // Not a migration: the source's migrate-recover asking.
+            let peer = crate::recover::Peer::parse(step, *whole)?;
+            crate::recover::answer(root, ch, container, peer).await?;
+            return Ok(format!("{container} (settled with the source)"));
         }
         phase = phase.next(&msg)?;
         if !matches!(msg, Message::FileChunk { .. }) {
@@ -572,6 +770,10 @@ async fn receive_into(
                 spec_json,
                 memory,
             } => {
+                // From here on the source is busy with this migration: a
+                // silence longer than the peer time-out is a lost source.
+                ch.set_recv_timeout(Some(opts.peer_timeout));
+                fs::create_dir_all(&image_dir).map_err(|e| io(&image_dir, e))?;
                 started = Some(
                     on_start(
                         root,
@@ -592,6 +794,26 @@ async fn receive_into(
             }
             Message::FileBegin { tree, path, size } => trees.begin(tree, path, size)?,
             Message::FileChunk { path, offset, data } => trees.chunk(&path, offset, &data)?,
+            Message::Manifest { tree, data, last } if last => {
+                // Applying a whole tree's manifest can take seconds (a
+                // hundred thousand entries): off this thread, with
+                // heartbeats meanwhile.
+                let mut moved = std::mem::replace(&mut trees, Trees::new(layer_store.clone()));
+                let (joined, beat) = crate::liveness::with_heartbeats(
+                    ch.sender(),
+                    opts.peer_timeout,
+                    tokio::task::spawn_blocking(move || {
+                        let r = moved.manifest(tree, &data, true);
+                        (moved, r)
+                    }),
+                )
+                .await;
+                let (back, applied) =
+                    joined.map_err(|e| MigrateError::Target(format!("apply a manifest: {e}")))?;
+                trees = back;
+                applied?;
+                beat?;
+            }
             Message::Manifest { tree, data, last } => trees.manifest(tree, &data, last)?,
             Message::ImageChunk { offset, data } => trees.image_chunk(offset, &data)?,
             Message::ImageDone { size } => {
@@ -599,7 +821,14 @@ async fn receive_into(
                 let dock = inc.docker.as_mut().ok_or_else(|| {
                     MigrateError::Protocol("an image for a container that is not Docker's".into())
                 })?;
-                dock.daemon.load(&tar).await?;
+                let (loaded, beat) = crate::liveness::with_heartbeats(
+                    ch.sender(),
+                    opts.peer_timeout,
+                    dock.daemon.load(&tar),
+                )
+                .await;
+                loaded?;
+                beat?;
                 dock.loaded_image = true;
                 let _ = fs::remove_file(&tar);
                 eprintln!("migrate-in: image {} loaded", dock.image);
@@ -633,6 +862,7 @@ async fn receive_into(
                 if inc.docker.is_some() {
                     return docker_commit(opts, &image_dir, store, ch, inc).await;
                 }
+                let bundle = inc.dir.join("bundle");
                 return commit(
                     root,
                     opts,
@@ -671,39 +901,68 @@ async fn commit(
     }
     let t_overlay = t.elapsed();
     let lazy = start_lazy_pages(opts, image_dir, &mut store)?;
-    if lazy.is_none() {
-        let filled = images::complete_images(image_dir, &store)?;
-        tracing::info!(filled, "images completed");
-    }
-    drop(store);
     let hold = crate::netmove::unquiesce_images(image_dir)?;
-    let t_lazy = t.elapsed();
-    let restored = checkpoint::restore(
-        root,
-        &RestoreOptions {
-            id: id.clone(),
-            bundle: bundle.to_path_buf(),
-            image_path: image_dir.to_path_buf(),
-            work_path: Some(image_dir.to_path_buf()),
-            tcp_established: true,
-            criu: opts.criu.clone(),
-            lazy_pages: lazy.is_some(),
-            // Stopped until the source has let go of its copy:
-            // never two running copies.
-            leave_stopped: true,
-            // The network moves along: the veths go onto the
-            // host's bridge before the first packet.
-            bridge: opts.bridge.clone(),
-            ..Default::default()
-        },
-    );
-    if let Err(e) = restored {
-        if let Some(mut lazy) = lazy {
-            lazy.abort();
+    let restore_opts = RestoreOptions {
+        id: id.clone(),
+        bundle: bundle.to_path_buf(),
+        image_path: image_dir.to_path_buf(),
+        work_path: Some(image_dir.to_path_buf()),
+        tcp_established: true,
+        criu: opts.criu.clone(),
+        lazy_pages: lazy.is_some(),
+        // Stopped until the source has let go of its copy:
+        // never two running copies.
+        leave_stopped: true,
+        // The network moves along: the veths go onto the
+        // host's bridge before the first packet.
+        bridge: opts.bridge.clone(),
+        ..Default::default()
+    };
+    // Completing the images and the restore take seconds for a big
+    // container: off this thread, with heartbeats meanwhile (a signal
+    // now waits for them: see receive).
+    let lazily = lazy.is_some();
+    let images_dir = image_dir.to_path_buf();
+    let on = root.clone();
+    inc.restoring.store(true, Ordering::SeqCst);
+    let (joined, beat) = crate::liveness::with_heartbeats(
+        ch.sender(),
+        opts.peer_timeout,
+        tokio::task::spawn_blocking(move || -> Result<Duration> {
+            if !lazily {
+                let filled = images::complete_images(&images_dir, &store)?;
+                tracing::info!(filled, "images completed");
+            }
+            drop(store);
+            let t_lazy = t.elapsed();
+            checkpoint::restore(&on, &restore_opts)?;
+            Ok(t_lazy)
+        }),
+    )
+    .await;
+    inc.restoring.store(false, Ordering::SeqCst);
+    let restored = joined
+        .map_err(|e| MigrateError::Target(format!("restore: {e}")))
+        .and_then(|r| r);
+    inc.restored = root.exists(&id);
+    let t_lazy = match (restored, beat) {
+        (Ok(t_lazy), Ok(())) => t_lazy,
+        (Err(e), _) => {
+            if let Some(mut lazy) = lazy {
+                lazy.abort();
+            }
+            return Err(e);
         }
-        return Err(e.into());
+        (Ok(_), Err(e)) => {
+            if let Some(mut lazy) = lazy {
+                lazy.abort();
+            }
+            return Err(e.into());
+        }
+    };
+    if inc.stop.load(Ordering::SeqCst) {
+        return Err(MigrateError::Interrupted("a signal"));
     }
-    inc.restored = true;
     let t_criu = t.elapsed();
     crate::netmove::after_restore(root, &id, opts.bridge.as_deref(), hold)?;
     inc.lazy = lazy;
@@ -721,37 +980,80 @@ async fn commit(
             ""
         }
     );
-    ch.send(&Message::Ack).await?;
+    acknowledge(opts, ch, inc).await?;
     if let Some(merged) = inc.overlay.take() {
         // The container's mount namespace holds the overlay now;
         // it goes away with the container (an unmount costs
         // milliseconds: not in the downtime).
         let _ = nix::mount::umount2(&merged, nix::mount::MntFlags::MNT_DETACH);
     }
-    // The images are no longer needed; the bundle stays: it is the container's.
-    let _ = fs::remove_dir_all(image_dir);
-    // The source removes its copy, then says Done: only then does
-    // ours run. Without Done the source kept (or got back) its copy.
+    // The source commits, then says Done: only then does ours run.
+    // Without Done this copy is in doubt and stays stopped.
     expect_done(ch).await?;
+    inc.step(Step::Continued, opts.fault)?;
     checkpoint::continue_container(root, &id)?;
-    let _ = ch.send(&Message::Ack).await;
+    ch.send(&Message::Ack).await?;
+    // The images are no longer needed; the bundle stays: it is the container's.
     if let Some(lazy) = inc.lazy.take() {
-        memory_in_place(&id, lazy).await?;
+        let filled = memory_in_place(ch, opts.peer_timeout, &id, lazy).await;
+        if let Err(e) = filled {
+            // What of the memory was still to come is gone: this copy
+            // must not win (the source keeps its frozen one until Running).
+            if let Some(j) = inc.journal.as_mut() {
+                let _ = j.update(|r| r.incomplete = true);
+            }
+            return Err(e);
+        }
     }
+    let _ = fs::remove_dir_all(image_dir);
+    finish(opts, ch, inc).await?;
     Ok(id)
 }
 
-/// Waits for the source's `Done` after our first `Ack`.
+/// The copy here is restored and stopped: journaled as acknowledged (from
+/// now on only the source's decision removes it), then the source is told.
+async fn acknowledge(opts: &InOptions, ch: &mut Channel, inc: &mut Incoming) -> Result<()> {
+    let lazy = inc.lazy.is_some();
+    if let Some(j) = inc.journal.as_mut() {
+        j.update(|r| r.lazy = lazy)?;
+    }
+    inc.acked.store(true, Ordering::SeqCst);
+    inc.step(Step::Acknowledged, opts.fault)?;
+    ch.send(&Message::Ack).await?;
+    Ok(())
+}
+
+/// The copy here runs with all of its memory: journaled, the source told
+/// (it lets its frozen copy go then), and the journal settled.
+async fn finish(opts: &InOptions, ch: &mut Channel, inc: &mut Incoming) -> Result<()> {
+    inc.step(Step::Running, opts.fault)?;
+    // The source may be gone by now: this side is done either way.
+    let _ = ch.send(&Message::Ack).await;
+    if let Some(j) = inc.journal.take() {
+        j.remove();
+    }
+    Ok(())
+}
+
+/// Waits for the source's `Done` (its commit) after our first `Ack`.
 async fn expect_done(ch: &mut Channel) -> Result<()> {
-    match ch.recv().await {
-        Ok(Message::Done) => Ok(()),
-        Ok(other) => Err(MigrateError::Protocol(format!(
-            "{} message while waiting for done",
-            other.kind()
-        ))),
-        Err(e) => Err(MigrateError::Source(format!(
-            "source gone before it released the container: {e}"
-        ))),
+    loop {
+        match ch.recv().await {
+            Ok(Message::Heartbeat) => continue,
+            Ok(Message::Done) => return Ok(()),
+            Ok(Message::Abort { reason }) => return Err(MigrateError::Aborted(reason)),
+            Ok(other) => {
+                return Err(MigrateError::Protocol(format!(
+                    "{} message while waiting for done",
+                    other.kind()
+                )))
+            }
+            Err(e) => {
+                return Err(MigrateError::Source(format!(
+                    "source gone before it committed: {e}"
+                )))
+            }
+        }
     }
 }
 
@@ -938,28 +1240,49 @@ async fn docker_commit(
             ""
         }
     );
-    ch.send(&Message::Ack).await?;
+    acknowledge(opts, ch, inc).await?;
     expect_done(ch).await?;
+    inc.step(Step::Continued, opts.fault)?;
+    let dock = inc
+        .docker
+        .as_mut()
+        .ok_or_else(|| MigrateError::Target("not a Docker migration".into()))?;
     let running = dock.daemon.container(&cid).await?;
     let pid = running["State"]["Pid"].as_i64().unwrap_or(0);
     let runtime = StateRoot::open(&docker::runtime_root(pid)?, false)?;
     checkpoint::continue_container(&runtime, &cid)?;
-    let _ = ch.send(&Message::Ack).await;
+    ch.send(&Message::Ack).await?;
     let _ = fs::remove_dir_all(&dir);
-    if let Some(lazy) = inc.lazy.take() {
-        memory_in_place(&name, lazy).await?;
-    }
-    let _ = fs::remove_dir_all(image_dir);
     // It is Docker's now: nothing to undo.
     dock.container = None;
     dock.loaded_image = false;
+    if let Some(lazy) = inc.lazy.take() {
+        if let Err(e) = memory_in_place(ch, opts.peer_timeout, &name, lazy).await {
+            if let Some(j) = inc.journal.as_mut() {
+                let _ = j.update(|r| r.incomplete = true);
+            }
+            return Err(e);
+        }
+    }
+    let _ = fs::remove_dir_all(image_dir);
+    finish(opts, ch, inc).await?;
     Ok(name)
 }
 
 /// Waits until the lazy-pages daemon has put all of the memory of the
 /// running container `id` in place. Nothing may end this process before.
-async fn memory_in_place(id: &str, lazy: LazyPages) -> Result<()> {
-    let filled = tokio::task::spawn_blocking(move || lazy.finish()).await;
+async fn memory_in_place(
+    ch: &mut Channel,
+    peer_timeout: Duration,
+    id: &str,
+    lazy: LazyPages,
+) -> Result<()> {
+    let (filled, _) = crate::liveness::with_heartbeats(
+        ch.sender(),
+        peer_timeout,
+        tokio::task::spawn_blocking(move || lazy.finish()),
+    )
+    .await;
     match filled {
         Ok(Ok((pages, took))) => {
             eprintln!(

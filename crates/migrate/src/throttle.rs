@@ -65,6 +65,21 @@ impl Throttle {
         Some(share)
     }
 
+    /// The limit in force before the first step (quota, period), once
+    /// throttled: what a recovery after a crash puts back.
+    pub fn original(&self) -> Option<&(String, String)> {
+        self.original.as_ref()
+    }
+
+    /// Puts `original` (quota, period) back on the container whose cgroup
+    /// path is `cgroup_path`: [`release`](Self::release) for a throttle of
+    /// a process that is gone.
+    pub fn restore(cgroup_path: &std::path::Path, original: &(String, String)) {
+        let mut t = Self::new(cgroup_path);
+        t.original = Some(original.clone());
+        t.release();
+    }
+
     /// Puts the original limit back.
     pub fn release(&mut self) {
         if let (Some(dir), Some((quota, period))) = (&self.cpu_dir, self.original.take()) {

@@ -322,7 +322,27 @@ pub fn delete(root: &StateRoot, id: &str, force: bool) -> Result<()> {
     if let Some(path) = cgroup_path {
         remove_empty_migrun_parent(&path);
     }
+    remove_migrated_bundle(root, id, container.bundle());
     Ok(())
+}
+
+/// The directory of a state root (`<root>/.bundles/<id>`) where
+/// `migrate-in` keeps the bundles of the containers it brought here: owned
+/// by the state root, so that removing a work directory never touches a
+/// running container, and removed with its container.
+pub const MIGRATED_BUNDLES: &str = ".bundles";
+
+/// Removes the bundle of a migrated container `id` (only one that
+/// `migrate-in` put in the state root: a user's bundle is never touched).
+fn remove_migrated_bundle(root: &StateRoot, id: &str, bundle: &Path) {
+    let dir = root.path().join(MIGRATED_BUNDLES).join(id);
+    if bundle.starts_with(&dir) {
+        let merged = dir.join("bundle").join("rootfs");
+        let _ = nix::mount::umount2(&merged, nix::mount::MntFlags::MNT_DETACH);
+        if let Err(e) = fs::remove_dir_all(&dir) {
+            tracing::warn!("remove the bundle {} of {id}: {e}", dir.display());
+        }
+    }
 }
 
 /// Removes the `/migrun-<tag>` parent cgroup that `migrate-in` puts

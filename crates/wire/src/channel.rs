@@ -76,6 +76,8 @@ pub struct Sender {
     broken: bool,
     /// The file named by [`CAPTURE_ENV`], when set.
     capture: Option<File>,
+    /// The longest a write may wait for the peer to take data.
+    send_timeout: Option<Duration>,
 }
 
 /// The receiving half of a [`Channel`].
@@ -116,6 +118,7 @@ impl Channel {
                 info: p.info,
                 broken: false,
                 capture: open_capture(),
+                send_timeout: p.recv_timeout,
             },
             rx: Receiver {
                 reader: p.reader,
@@ -144,6 +147,11 @@ impl Channel {
         self.rx.recv().await
     }
 
+    /// The sending half, for sends beside the receive loop (heartbeats).
+    pub fn sender(&mut self) -> &mut Sender {
+        &mut self.tx
+    }
+
     /// Splits into halves usable from different tasks.
     pub fn split(self) -> (Sender, Receiver) {
         (self.tx, self.rx)
@@ -163,6 +171,20 @@ impl Channel {
     /// [`recv`](Channel::recv) waits through. `None` waits forever.
     pub fn set_recv_timeout(&mut self, timeout: Option<Duration>) {
         self.rx.set_recv_timeout(timeout);
+    }
+
+    /// Sets the send time-out: the longest a send waits for the peer to
+    /// take data (the bandwidth cap's own pauses do not count). `None`
+    /// waits forever.
+    pub fn set_send_timeout(&mut self, timeout: Option<Duration>) {
+        self.tx.set_send_timeout(timeout);
+    }
+
+    /// Sets both time-outs (see [`set_recv_timeout`](Self::set_recv_timeout)
+    /// and [`set_send_timeout`](Self::set_send_timeout)).
+    pub fn set_timeouts(&mut self, timeout: Option<Duration>) {
+        self.set_recv_timeout(timeout);
+        self.set_send_timeout(timeout);
     }
 
     /// Facts about the connection.
@@ -203,6 +225,11 @@ impl Sender {
     /// The byte counters of this connection.
     pub fn traffic(&self) -> Traffic {
         self.traffic.clone()
+    }
+
+    /// Sets the send time-out (see [`Channel::set_send_timeout`]).
+    pub fn set_send_timeout(&mut self, timeout: Option<Duration>) {
+        self.send_timeout = timeout;
     }
 
     /// The sending bandwidth cap of this connection, settable at any time.
@@ -274,10 +301,10 @@ impl Sender {
         self.buf.extend_from_slice(&tag);
         for chunk in self.buf.chunks(WRITE_CHUNK) {
             self.bandwidth.acquire(chunk.len()).await;
-            self.writer.write_all(chunk).await?;
+            within(self.send_timeout, self.writer.write_all(chunk)).await?;
             self.traffic.add_sent(chunk.len());
         }
-        self.writer.flush().await?;
+        within(self.send_timeout, self.writer.flush()).await?;
         self.traffic.add_frame_sent();
         self.broken = false;
         Ok(())
@@ -298,6 +325,21 @@ impl Sender {
             tracing::warn!("{CAPTURE_ENV}: write failed, capture stopped: {e}");
             self.capture = None;
         }
+    }
+}
+
+/// Runs a write, failing with [`WireError::SendTimeout`] if it takes longer
+/// than `limit`.
+async fn within(
+    limit: Option<Duration>,
+    write: impl std::future::Future<Output = std::io::Result<()>>,
+) -> Result<()> {
+    match limit {
+        None => Ok(write.await?),
+        Some(d) => match tokio::time::timeout(d, write).await {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(WireError::SendTimeout(d)),
+        },
     }
 }
 

@@ -48,6 +48,9 @@ pub enum WireError {
     /// Nothing arrived from the peer for the receive time-out.
     #[error("no data from peer for {0:?} (receive time-out)")]
     RecvTimeout(Duration),
+    /// The peer took nothing of what we sent for the send time-out.
+    #[error("peer took no data for {0:?} (send time-out)")]
+    SendTimeout(Duration),
     /// The peer's hello did not start with the protocol magic.
     #[error("peer is not a migrun migration endpoint (bad protocol magic)")]
     BadMagic,

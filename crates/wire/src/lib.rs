@@ -79,8 +79,11 @@ pub const MAGIC: &[u8; 6] = b"MIGRUN";
 
 /// The protocol version this crate speaks. Peers must speak the same.
 ///
-/// Version 3 added the ephemeral X25519 key to the hello (forward secrecy).
-pub const PROTOCOL_VERSION: u16 = 3;
+/// Version 3 added the ephemeral X25519 key to the hello (forward secrecy);
+/// version 4 the hand-over as a two-phase commit (`Ack` after the restore,
+/// `Done` as the commit, `Ack` once running and once its memory is in
+/// place), `Heartbeat` and `Recover`.
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// Default time-out for connecting plus the handshake.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

@@ -142,6 +142,21 @@ pub enum Message {
     },
     /// The migration is over; the connection will be closed.
     Done,
+    /// "Still here": sent by a side that has nothing else to say for a
+    /// while (a restore, a dump), so that the peer's receive deadline
+    /// tells a silent partition from a slow step. Taken in any phase.
+    Heartbeat,
+    /// `migrate-recover`: where this side's journal of the migration of
+    /// `container` stands, for the peer to settle the hand-over with.
+    Recover {
+        /// The container, as the source names it.
+        container: String,
+        /// This side's journal step (`none` without a journal).
+        step: String,
+        /// Whether this side's copy is whole (the target's is not when its
+        /// memory was still arriving lazily when its `migrate-in` died).
+        whole: bool,
+    },
     /// The target's answer to a [`Message::Start`] that offered image
     /// layers by content digest: the ones it lacks, which the source then
     /// sends (the others never cross the wire).
@@ -345,6 +360,17 @@ impl fmt::Debug for Message {
                 f.debug_struct("Error").field("message", message).finish()
             }
             Message::Done => f.write_str("Done"),
+            Message::Heartbeat => f.write_str("Heartbeat"),
+            Message::Recover {
+                container,
+                step,
+                whole,
+            } => f
+                .debug_struct("Recover")
+                .field("container", container)
+                .field("step", step)
+                .field("whole", whole)
+                .finish(),
             Message::LayersWanted { digests } => f
                 .debug_struct("LayersWanted")
                 .field("digests", digests)
@@ -373,6 +399,8 @@ mod tag {
     pub const IMAGE_CHUNK: u8 = 17;
     pub const IMAGE_DONE: u8 = 18;
     pub const FROZEN: u8 = 19;
+    pub const HEARTBEAT: u8 = 20;
+    pub const RECOVER: u8 = 21;
 }
 
 /// Tree bytes on the wire.
@@ -401,6 +429,8 @@ impl Message {
             Message::Abort { .. } => "abort",
             Message::Error { .. } => "error",
             Message::Done => "done",
+            Message::Heartbeat => "heartbeat",
+            Message::Recover { .. } => "recover",
             Message::LayersWanted { .. } => "layers-wanted",
         }
     }
@@ -507,6 +537,17 @@ impl Message {
                 put_str(out, message)?;
             }
             Message::Done => out.put_u8(tag::DONE),
+            Message::Heartbeat => out.put_u8(tag::HEARTBEAT),
+            Message::Recover {
+                container,
+                step,
+                whole,
+            } => {
+                out.put_u8(tag::RECOVER);
+                put_str(out, container)?;
+                put_str(out, step)?;
+                out.put_u8(u8::from(*whole));
+            }
             Message::LayersWanted { digests } => {
                 out.put_u8(tag::LAYERS_WANTED);
                 // Digests are hex: one per line.
@@ -602,6 +643,16 @@ impl Message {
                 message: r.string()?,
             },
             tag::DONE => Message::Done,
+            tag::HEARTBEAT => Message::Heartbeat,
+            tag::RECOVER => Message::Recover {
+                container: r.string()?,
+                step: r.string()?,
+                whole: match r.u8()? {
+                    0 => false,
+                    1 => true,
+                    b => return Err(WireError::Malformed(format!("recover flag {b}"))),
+                },
+            },
             tag::LAYERS_WANTED => Message::LayersWanted {
                 digests: r
                     .string()?

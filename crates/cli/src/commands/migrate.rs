@@ -15,6 +15,29 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("start async runtime")
 }
 
+/// A duration flag given in seconds.
+pub fn seconds(value: f64, flag: &str) -> Result<std::time::Duration> {
+    if !(value.is_finite() && value > 0.0 && value <= 86_400.0) {
+        anyhow::bail!("{flag} {value}: expected seconds between 0 and 86400");
+    }
+    Ok(std::time::Duration::from_secs_f64(value))
+}
+
+/// The hidden `--inject-fault` flag of the tests.
+pub fn fault(value: Option<&str>) -> Result<Option<migrun_migrate::fault::Fault>> {
+    Ok(value.map(str::parse).transpose()?)
+}
+
+/// `migrun migrate-recover ID ...`.
+pub fn migrate_recover(
+    root: &StateRoot,
+    opts: migrun_migrate::recover::RecoverOptions,
+) -> Result<i32> {
+    let done = runtime()?.block_on(migrun_migrate::recover::recover(root, &opts))?;
+    println!("{done}");
+    Ok(0)
+}
+
 /// `migrun keygen --out FILE`.
 pub fn keygen(out: &Path) -> Result<i32> {
     migrun_wire::generate_key_file(out)?;

@@ -64,6 +64,8 @@ pub fn dispatch(cli: Cli) -> Result<i32> {
             no_lazy_restore,
             bridge,
             docker_host,
+            peer_timeout,
+            inject_fault,
         } => migrate::migrate_in(
             &root,
             migrun_migrate::target::InOptions {
@@ -75,6 +77,8 @@ pub fn dispatch(cli: Cli) -> Result<i32> {
                 lazy_restore: !no_lazy_restore,
                 bridge,
                 docker_host,
+                peer_timeout: migrate::seconds(peer_timeout, "--peer-timeout")?,
+                fault: migrate::fault(inject_fault.as_deref())?,
             },
         ),
         Command::MigrateOut {
@@ -88,6 +92,8 @@ pub fn dispatch(cli: Cli) -> Result<i32> {
             stats_json,
             work_dir,
             docker_host,
+            peer_timeout,
+            inject_fault,
         } => migrate::migrate_out(
             &root,
             migrun_migrate::source::OutOptions {
@@ -101,8 +107,34 @@ pub fn dispatch(cli: Cli) -> Result<i32> {
                 criu,
                 work_dir,
                 docker_host,
+                peer_timeout: migrate::seconds(peer_timeout, "--peer-timeout")?,
+                fault: migrate::fault(inject_fault.as_deref())?,
             },
             stats_json.as_deref(),
+        ),
+        Command::MigrateRecover {
+            id,
+            peer,
+            listen,
+            key,
+            winner,
+            peer_timeout,
+        } => migrate::migrate_recover(
+            &root,
+            migrun_migrate::recover::RecoverOptions {
+                id,
+                peer,
+                listen,
+                key,
+                winner: winner.as_deref().map(|w| {
+                    if w == "target" {
+                        migrun_migrate::journal::Winner::Target
+                    } else {
+                        migrun_migrate::journal::Winner::Source
+                    }
+                }),
+                peer_timeout: migrate::seconds(peer_timeout, "--peer-timeout")?,
+            },
         ),
     }
 }

@@ -172,6 +172,12 @@ pub fn all_messages() -> Vec<Message> {
             digests: vec![format!("sha256:{}", "ab".repeat(32)), "sha256:00".into()],
         },
         Message::LayersWanted { digests: vec![] },
+        Message::Heartbeat,
+        Message::Recover {
+            container: "c1".into(),
+            step: "acknowledged".into(),
+            whole: true,
+        },
         Message::Pages(PageRun::default()),
         Message::FileChunk {
             path: String::new(),
@@ -180,7 +186,7 @@ pub fn all_messages() -> Vec<Message> {
         },
     ];
     // Fails to compile when a message is added, so this list gets it too.
-    let mut seen = [false; 17];
+    let mut seen = [false; 19];
     for m in &msgs {
         let i = match m {
             Message::Hello { .. } => 0,
@@ -200,6 +206,8 @@ pub fn all_messages() -> Vec<Message> {
             Message::Error { .. } => 11,
             Message::Done => 12,
             Message::LayersWanted { .. } => 13,
+            Message::Heartbeat => 17,
+            Message::Recover { .. } => 18,
         };
         seen[i] = true;
     }

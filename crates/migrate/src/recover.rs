@@ -1,0 +1,299 @@
+//! `migrun migrate-recover`: settles a hand-over that was cut between the
+//! two phases of its commit (see [`crate::journal`]).
+//!
+//! Each side reads its journal. Where one side's step decides alone (the
+//! source never committed; the target never acknowledged, or lost part of
+//! its copy's memory), that is applied at once. Otherwise the two sides
+//! exchange their steps over the wire (`--peer` on one host, `--listen` or
+//! a running `migrate-in` on the other) and both apply [`journal::decide`].
+//! With the peer gone for good, `--winner source|target` names the side
+//! that wins.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use migrun_runtime::{checkpoint, lifecycle, StateRoot};
+use migrun_wire::{Channel, Message};
+
+use crate::journal::{self, Journal, Record, Role, Step, Winner};
+use crate::{MigrateError, Result};
+
+/// Options of `migrate-recover`.
+#[derive(Debug, Clone)]
+pub struct RecoverOptions {
+    /// The container, as the source names it.
+    pub id: String,
+    /// The peer's `migrate-in` or `migrate-recover --listen`, to ask.
+    pub peer: Option<String>,
+    /// Wait here for the peer's `migrate-recover --peer`.
+    pub listen: Option<String>,
+    /// Shared key file (with `--peer` or `--listen`).
+    pub key: Option<PathBuf>,
+    /// The side that wins when the peer cannot be asked.
+    pub winner: Option<Winner>,
+    /// How long to wait for the peer.
+    pub peer_timeout: Duration,
+}
+
+/// What the peer said of its side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    /// Its journal step, `None` when it has no journal of the migration.
+    pub step: Option<Step>,
+    /// Whether its copy is whole.
+    pub whole: bool,
+}
+
+impl Peer {
+    /// From a `Recover` message's fields.
+    pub fn parse(step: &str, whole: bool) -> Result<Self> {
+        let step = if step == "none" {
+            None
+        } else {
+            Some(
+                serde_json::from_value(serde_json::Value::from(step)).map_err(|_| {
+                    MigrateError::Protocol(format!("recover: unknown step {step:?}"))
+                })?,
+            )
+        };
+        Ok(Self { step, whole })
+    }
+}
+
+fn recover_message(id: &str, j: Option<&Journal>) -> Message {
+    Message::Recover {
+        container: id.to_string(),
+        step: j.map_or("none", |j| j.step().name()).to_string(),
+        whole: j.is_none_or(Journal::target_copy_whole),
+    }
+}
+
+/// The target's answer to a source's `migrate-recover` that reached its
+/// `migrate-in`: says where its side stands, then settles it the same way.
+pub async fn answer(root: &StateRoot, ch: &mut Channel, id: &str, peer: Peer) -> Result<()> {
+    let mine = Journal::open(root.path(), Role::Target, id)?;
+    ch.send(&recover_message(id, mine.as_ref())).await?;
+    let Some(j) = mine else {
+        return Ok(());
+    };
+    let whole = j.target_copy_whole() && peer.whole;
+    if let Some(w) = journal::decide(peer.step, Some(j.step()), whole) {
+        settle(root, j, w)?;
+    }
+    Ok(())
+}
+
+/// `migrun migrate-recover ID`: settles this host's side(s) of the
+/// migration of `ID`; returns what was done, for the operator.
+pub async fn recover(root: &StateRoot, opts: &RecoverOptions) -> Result<String> {
+    let source = Journal::open(root.path(), Role::Source, &opts.id)?;
+    let target = Journal::open(root.path(), Role::Target, &opts.id)?;
+    if source.is_none() && target.is_none() && (opts.peer.is_some() || opts.listen.is_some()) {
+        // Nothing here: say so to the peer, whose journal then decides.
+        exchange(opts, None).await?;
+        return Ok(format!("no migration of {} here (told the peer)", opts.id));
+    }
+    if source.is_none() && target.is_none() {
+        return Err(MigrateError::Source(format!(
+            "no migration of {} to settle under {}",
+            opts.id,
+            root.path().display()
+        )));
+    }
+    let mut done = Vec::new();
+    for j in [source, target].into_iter().flatten() {
+        if j.step().settled() {
+            done.push(format!(
+                "{} side already {}",
+                j.record().role.name(),
+                j.step().name()
+            ));
+            j.remove();
+            continue;
+        }
+        if journal::writer_alive(j.record().pid) {
+            return Err(MigrateError::Source(format!(
+                "the migration of {} is still in progress here (process {}): let it finish or end it first",
+                opts.id,
+                j.record().pid
+            )));
+        }
+        let role = j.record().role;
+        let alone = decide_alone(&j);
+        let winner = match alone {
+            Some(w) => Some(w),
+            None => ask_peer(opts, &j).await?,
+        };
+        let winner = winner.or(opts.winner).ok_or_else(|| {
+            MigrateError::InDoubt(format!(
+                "the {} side of {} is {} and the peer could not be asked: run again with --peer ADDR (or --listen ADDR), or name the side that wins with --winner source|target",
+                role.name(),
+                opts.id,
+                j.step().name()
+            ))
+        })?;
+        done.push(settle(root, j, winner)?);
+    }
+    Ok(done.join("; "))
+}
+
+/// The decision one side's journal makes alone, if any.
+fn decide_alone(j: &Journal) -> Option<Winner> {
+    match j.record().role {
+        Role::Source => {
+            journal::decide(Some(j.step()), None, true).filter(|w| *w == Winner::Source)
+        }
+        Role::Target => journal::decide(None, Some(j.step()), j.target_copy_whole()),
+    }
+}
+
+/// Exchanges steps with the peer (if `--peer` or `--listen` was given)
+/// and decides with both.
+async fn ask_peer(opts: &RecoverOptions, j: &Journal) -> Result<Option<Winner>> {
+    let Some(peer) = exchange(opts, Some(j)).await? else {
+        return Ok(None);
+    };
+    Ok(match j.record().role {
+        Role::Source => journal::decide(Some(j.step()), peer.step, peer.whole),
+        Role::Target => {
+            // A source that answers with no journal has settled: before
+            // this side ran, that can only have been a roll-back (it lets
+            // its copy go only once this one is Running).
+            let source = peer
+                .step
+                .or((j.step() < Step::Continued).then_some(Step::Aborted));
+            journal::decide(source, Some(j.step()), j.target_copy_whole())
+        }
+    })
+}
+
+/// Tells the peer where this side stands (`j`, or nothing) and returns
+/// what it says of its own; `None` without `--peer`/`--listen`.
+async fn exchange(opts: &RecoverOptions, j: Option<&Journal>) -> Result<Option<Peer>> {
+    let (Some(key), true) = (&opts.key, opts.peer.is_some() || opts.listen.is_some()) else {
+        return Ok(None);
+    };
+    let key = migrun_wire::load_key(key)?;
+    let mut ch = if let Some(peer) = &opts.peer {
+        migrun_wire::connect(peer.as_str(), &key).await?
+    } else {
+        let addr = opts.listen.as_deref().unwrap_or_default();
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| MigrateError::Source(format!("listen on {addr}: {e}")))?;
+        eprintln!("migrate-recover: waiting for the peer on {addr}");
+        migrun_wire::accept(&listener, &key).await?
+    };
+    ch.set_timeouts(Some(opts.peer_timeout));
+    let theirs = if opts.peer.is_some() {
+        ch.send(&recover_message(&opts.id, j)).await?;
+        ch.recv().await?
+    } else {
+        let m = ch.recv().await?;
+        ch.send(&recover_message(&opts.id, j)).await?;
+        m
+    };
+    let Message::Recover {
+        container,
+        step,
+        whole,
+    } = theirs
+    else {
+        return Err(MigrateError::Protocol(format!(
+            "{} message instead of the peer's recover",
+            theirs.kind()
+        )));
+    };
+    if container != opts.id {
+        return Err(MigrateError::Protocol(format!(
+            "the peer settles {container}, not {}",
+            opts.id
+        )));
+    }
+    Peer::parse(&step, whole).map(Some)
+}
+
+/// Applies `winner` to this side of the migration and settles its journal.
+fn settle(root: &StateRoot, mut j: Journal, winner: Winner) -> Result<String> {
+    let r = j.record().clone();
+    let what = match (r.role, winner) {
+        (Role::Source, Winner::Source) => {
+            take_back(root, &r);
+            j.set(Step::Aborted)?;
+            format!("{} runs on here again (the source)", r.container)
+        }
+        (Role::Source, Winner::Target) => {
+            let _ = crate::source::kill_frozen(root, &r.container);
+            if root.exists(&r.container) {
+                lifecycle::delete(root, &r.container, true)?;
+            }
+            j.set(Step::Released)?;
+            format!(
+                "{} runs on the target; the copy here is removed",
+                r.container
+            )
+        }
+        (Role::Target, Winner::Source) => {
+            discard_target_copy(root, &r);
+            j.set(Step::Aborted)?;
+            format!(
+                "{} stays with the source; the copy here is removed",
+                r.container
+            )
+        }
+        (Role::Target, Winner::Target) => {
+            if !j.target_copy_whole() {
+                return Err(MigrateError::InDoubt(format!(
+                    "the copy of {} here lost memory that was still to come: it cannot win",
+                    r.container
+                )));
+            }
+            checkpoint::continue_container(root, &r.container)?;
+            j.set(Step::Running)?;
+            format!("{} runs here (the target)", r.container)
+        }
+    };
+    eprintln!("migrate-recover: {what}");
+    j.remove();
+    Ok(what)
+}
+
+/// The source takes its container back: thawed, its connections let in,
+/// CRIU's network lock gone, its CPU limit back.
+pub fn take_back(root: &StateRoot, r: &Record) {
+    crate::netmove::release(root, &r.container);
+    if let Ok(c) = root.load(&r.container) {
+        if let (Some(limit), Some(cfg)) = (&r.cpu_limit, c.spec().ok()) {
+            crate::throttle::Throttle::restore(&cfg.cgroup_path, limit);
+        }
+        if c.status() == libcontainer::container::ContainerStatus::Paused {
+            let _ = lifecycle::resume(root, &r.container);
+        }
+    }
+}
+
+/// Removes the target's copy of a migration and everything made for it.
+pub fn discard_target_copy(root: &StateRoot, r: &Record) {
+    if r.docker_host.is_none() && root.exists(&r.container) {
+        if let Err(e) = lifecycle::delete(root, &r.container, true) {
+            eprintln!("migrun: remove container {}: {e}", r.container);
+        }
+    }
+    let criu_root = root.container_dir(&r.container).join("criu-root");
+    let _ = nix::mount::umount2(&criu_root, nix::mount::MntFlags::MNT_DETACH);
+    for dir in [&r.images, &r.scratch].into_iter().flatten() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    if r.docker_host.is_none() {
+        if let Some(dir) = &r.dir {
+            remove_bundle(dir);
+        }
+    }
+}
+
+/// Removes a migrated container's bundle (its overlay unmounted first).
+fn remove_bundle(dir: &Path) {
+    let merged = dir.join("bundle").join("rootfs");
+    let _ = nix::mount::umount2(&merged, nix::mount::MntFlags::MNT_DETACH);
+    let _ = std::fs::remove_dir_all(dir);
+}
