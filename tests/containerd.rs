@@ -9,7 +9,8 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use migrun_tests::{
-    cgroups_named, output_within, processes_report, tail_of, unique_id, wait_until, wait_within,
+    cgroups_named, counter_in, output_within, processes_report, tail_of, unique_id, wait_until,
+    wait_within,
 };
 
 const RUNTIME: &str = "io.containerd.migrun.v1";
@@ -258,25 +259,34 @@ fn detached_exec_ps_pause_metrics_kill_delete() {
     let info = ctr_ok(&["container", "info", &id]);
     assert!(info.contains(RUNTIME), "{info}");
 
-    // exec: output and exit code come back.
-    let out = ctr(&[
-        "task",
-        "exec",
-        "--exec-id",
-        "e1",
-        &id,
-        "sh",
-        "-c",
-        "cat /count; exit 4",
-    ]);
-    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    // exec: output and exit code come back (`cat` may read /count between
+    // its truncation and its write: then again).
     let count = |o: &Output| -> u64 {
         String::from_utf8_lossy(&o.stdout)
             .trim()
             .parse()
             .unwrap_or(0)
     };
-    assert!(count(&out) > 0, "{out:?}");
+    let mut out = None;
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let o = ctr(&[
+                "task",
+                "exec",
+                "--exec-id",
+                "e1",
+                &id,
+                "sh",
+                "-c",
+                "cat /count; exit 4",
+            ]);
+            assert_eq!(o.status.code(), Some(4), "{o:?}");
+            let counted = count(&o) > 0;
+            out = Some(o);
+            counted
+        }),
+        "{out:?}"
+    );
 
     // ps: the init and the loop's children, all in the container.
     let ps = ctr_ok(&["task", "ps", &id]);
@@ -386,12 +396,10 @@ fn run_with_terminal_through_a_pty() {
     assert_nothing_left(&id);
 }
 
-/// The counter the container writes, read from the host.
+/// The counter the container writes, read from the host (0 if it does not
+/// read as a number: not written yet).
 fn counter(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/root/count"))
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(0)
+    counter_in(Path::new(&format!("/proc/{pid}/root/count"))).unwrap_or(0)
 }
 
 #[test]
@@ -438,8 +446,18 @@ fn checkpoint_then_restore_counter_goes_on() {
         now >= at_checkpoint.saturating_sub(5),
         "counter restarted: {now} after checkpoint at {at_checkpoint}"
     );
-    let out = ctr_ok(&["task", "exec", "--exec-id", "c", &id, "cat", "/count"]);
-    assert!(out.trim().parse::<u64>().unwrap_or(0) >= now);
+    // `cat` in the container may come between the counter's truncation and
+    // its write, and read nothing: read until it finds a number.
+    let mut out = String::new();
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            out = ctr_ok(&["task", "exec", "--exec-id", "c", &id, "cat", "/count"]);
+            out.trim().parse::<u64>().is_ok()
+        }),
+        "cat /count in the container read no number: {out:?}"
+    );
+    let seen = out.trim().parse::<u64>().unwrap_or(0);
+    assert!(seen >= now, "exec read {seen}, the host read {now} before");
 }
 
 #[test]

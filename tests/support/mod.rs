@@ -659,6 +659,20 @@ pub fn counter_at(rootfs: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// The counter that [`COUNTER`] keeps in the file `path`, once a read finds
+/// a number: the loop truncates and rewrites the file, so a read can come
+/// between the two and find it empty. Polls up to 2 s; `None` if no read parsed.
+pub fn counter_in(path: &Path) -> Option<u64> {
+    let mut value = None;
+    wait_until(Duration::from_secs(2), || {
+        value = fs::read_to_string(path)
+            .ok()
+            .and_then(|s| s.trim().parse().ok());
+        value.is_some()
+    });
+    value
+}
+
 /// Asks a test program in a container (`programs/pattern.c`,
 /// `programs/dirtier.c`) to verify its memory: writes `check{suffix}` in
 /// `rootfs`, waits up to `timeout` for `result{suffix}` and returns it
