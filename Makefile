@@ -12,13 +12,21 @@ export PATH := /usr/local/sbin:/usr/local/bin:$(PATH):/root/.cargo/bin
 
 all: build
 
+# The start of a stage of `make test` (CI's log shows where the time went):
+# the time, and the seconds since make started.
+MAKE_START := $(shell date +%s)
+STAGE = @echo "=== $@: start $$(date -u '+%F %T') UTC, $$(( $$(date +%s) - $(MAKE_START) ))s into make"
+
 deps:
+	$(STAGE)
 	@bash hack/install-deps.sh
 
 build: deps
+	$(STAGE)
 	$(CARGO) build --release --workspace --bins
 
 lint:
+	$(STAGE)
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
@@ -57,6 +65,7 @@ containerd-down:
 	@bash hack/containerd.sh down
 
 unit-test:
+	$(STAGE)
 	$(CARGO) test --workspace --exclude migrun-tests
 
 # The fuzz targets of fuzz/ (hack/fuzz.sh): `make fuzz` runs each one for
@@ -69,15 +78,23 @@ fuzz: deps
 	@FUZZ_SECONDS=$(FUZZ_SECONDS) bash hack/fuzz.sh
 
 fuzz-test: deps
+	$(STAGE)
 	@bash hack/fuzz.sh --no-clippy --total $(FUZZ_TEST_SECONDS)
 
+# Each test binary of tests/ on its own, under its own time limit (a hang
+# costs that limit, not CI's time), with its time and a table at the end
+# (hack/e2e-test.sh). E2E_TESTS: some of them only, e.g. "containerd bad_input".
+E2E_TESTS ?=
+
 e2e-test: build docker-up docker-up-b containerd-up
-	$(CARGO) test -p migrun-tests -- --test-threads=2
+	$(STAGE)
+	@CARGO=$(CARGO) bash hack/e2e-test.sh $(E2E_TESTS)
 
 # The README's test command: lint, unit tests (with the property tests), a
 # short pass of each fuzz target, end-to-end tests, and one tiny
 # benchmark-suite scenario end to end (hack/bench/selftest.sh).
 test: deps build lint unit-test fuzz-test e2e-test bench-test
+	@echo "=== test: passed, $$(( $$(date +%s) - $(MAKE_START) ))s in all"
 
 demo: build docker-up
 	@bash hack/demo.sh
@@ -98,6 +115,7 @@ bench-quick: build bench-deps docker-up docker-up-b
 
 # One tiny scenario through the suite's code; checks every metric is there.
 bench-test: build bench-deps
+	$(STAGE)
 	@bash hack/bench/selftest.sh
 
 bench-runtime: build

@@ -8,7 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use migrun_tests::{cgroups_named, unique_id, wait_until};
+use migrun_tests::{
+    cgroups_named, counter_in, output_within, processes_report, tail_of, unique_id, wait_until,
+    wait_within,
+};
 
 const RUNTIME: &str = "io.containerd.migrun.v1";
 const IMAGE: &str = "docker.io/library/busybox:local";
@@ -32,11 +35,40 @@ fn ctr_command(args: &[&str]) -> Command {
     cmd
 }
 
+/// How long one `ctr` may take: it takes a second or two; past this it
+/// hangs, and the test fails with a report instead of hanging CI.
+const CTR_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Runs `ctr args`; `Err` (with a report) if it had to be killed at `timeout`.
+fn ctr_within(args: &[&str], timeout: Duration) -> Result<Output, String> {
+    output_within(&mut ctr_command(args), timeout, hang_report).map_err(|(partial, report)| {
+        format!(
+            "ctr {args:?} did not exit within {timeout:?} (killed)\n\
+             --- its stdout:\n{}\n--- its stderr:\n{}\n{report}",
+            String::from_utf8_lossy(&partial.stdout),
+            String::from_utf8_lossy(&partial.stderr),
+        )
+    })
+}
+
+/// What is going on while something hangs: the processes involved, and
+/// containerd's log (where containerd 1.6 copies its shims' logs), also
+/// for this test process's containers only.
+fn hang_report() -> String {
+    let log = Path::new(&address()).with_file_name("containerd.log");
+    format!(
+        "--- processes:\n{}\n--- last 40 lines of {log}:\n{}\n\
+         --- last 40 lines there about this test's containers ({ids}*):\n{}",
+        processes_report(&["containerd", "ctr ", "migrun", "criu"]),
+        tail_of(&log, "", 40),
+        tail_of(&log, &unique_id(""), 40),
+        log = log.display(),
+        ids = unique_id(""),
+    )
+}
+
 fn ctr(args: &[&str]) -> Output {
-    ctr_command(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run ctr")
+    ctr_within(args, CTR_TIMEOUT).unwrap_or_else(|report| panic!("{report}"))
 }
 
 fn ctr_ok(args: &[&str]) -> String {
@@ -116,15 +148,36 @@ impl Cleanup {
     }
 }
 
+impl Cleanup {
+    /// `ctr args`, whether it succeeded; a hang is reported (a panic,
+    /// unless the test already panics: a second panic would abort).
+    fn ctr(&self, args: &[&str]) -> bool {
+        match ctr_within(args, CTR_TIMEOUT) {
+            Ok(out) => out.status.success(),
+            Err(report) if std::thread::panicking() => {
+                eprintln!("cleanup of {}: {report}", self.id);
+                false
+            }
+            Err(report) => panic!("cleanup of {}: {report}", self.id),
+        }
+    }
+}
+
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        let _ = ctr(&["task", "kill", "-s", "SIGKILL", &self.id]);
+        let id = self.id.as_str();
+        self.ctr(&["task", "kill", "-s", "SIGKILL", id]);
         let _ = wait_until(Duration::from_secs(5), || {
-            ctr(&["task", "delete", &self.id]).status.success() || task(&self.id).is_none()
+            self.ctr(&["task", "delete", id])
+                || ctr_within(&["task", "ls"], CTR_TIMEOUT).is_ok_and(|o| {
+                    !String::from_utf8_lossy(&o.stdout)
+                        .lines()
+                        .any(|l| l.split_whitespace().next() == Some(id))
+                })
         });
-        let _ = ctr(&["container", "delete", &self.id]);
+        self.ctr(&["container", "delete", id]);
         if let Some(image) = &self.image {
-            let _ = ctr(&["image", "rm", image]);
+            self.ctr(&["image", "rm", image]);
         }
     }
 }
@@ -206,25 +259,34 @@ fn detached_exec_ps_pause_metrics_kill_delete() {
     let info = ctr_ok(&["container", "info", &id]);
     assert!(info.contains(RUNTIME), "{info}");
 
-    // exec: output and exit code come back.
-    let out = ctr(&[
-        "task",
-        "exec",
-        "--exec-id",
-        "e1",
-        &id,
-        "sh",
-        "-c",
-        "cat /count; exit 4",
-    ]);
-    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    // exec: output and exit code come back (`cat` may read /count between
+    // its truncation and its write: then again).
     let count = |o: &Output| -> u64 {
         String::from_utf8_lossy(&o.stdout)
             .trim()
             .parse()
             .unwrap_or(0)
     };
-    assert!(count(&out) > 0, "{out:?}");
+    let mut out = None;
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let o = ctr(&[
+                "task",
+                "exec",
+                "--exec-id",
+                "e1",
+                &id,
+                "sh",
+                "-c",
+                "cat /count; exit 4",
+            ]);
+            assert_eq!(o.status.code(), Some(4), "{o:?}");
+            let counted = count(&o) > 0;
+            out = Some(o);
+            counted
+        }),
+        "{out:?}"
+    );
 
     // ps: the init and the loop's children, all in the container.
     let ps = ctr_ok(&["task", "ps", &id]);
@@ -319,28 +381,25 @@ fn run_with_terminal_through_a_pty() {
     writer
         .write_all(b"tty; echo typed-$((6*7)); exit 5\n")
         .expect("write to pty");
-    let mut status = None;
-    assert!(
-        wait_until(Duration::from_secs(20), || {
-            status = child.try_wait().ok().flatten();
-            status.is_some()
-        }),
-        "ctr run -t did not end"
-    );
+    let (status, hung) = wait_within(&mut child, Duration::from_secs(20), hang_report);
     drop(writer);
+    if let Some(report) = hung {
+        let shown = reader.join().unwrap_or_default();
+        panic!(
+            "ctr run -t did not end within 20 s (killed); the terminal showed: {shown}\n{report}"
+        );
+    }
     let out = reader.join().expect("reader");
     assert!(out.contains("/dev/pts/"), "no pty in the container: {out}");
     assert!(out.contains("typed-42"), "{out}");
-    assert_eq!(status.and_then(|s| s.code()), Some(5), "{out}");
+    assert_eq!(status.code(), Some(5), "{out}");
     assert_nothing_left(&id);
 }
 
-/// The counter the container writes, read from the host.
+/// The counter the container writes, read from the host (0 if it does not
+/// read as a number: not written yet).
 fn counter(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/root/count"))
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(0)
+    counter_in(Path::new(&format!("/proc/{pid}/root/count"))).unwrap_or(0)
 }
 
 #[test]
@@ -387,8 +446,18 @@ fn checkpoint_then_restore_counter_goes_on() {
         now >= at_checkpoint.saturating_sub(5),
         "counter restarted: {now} after checkpoint at {at_checkpoint}"
     );
-    let out = ctr_ok(&["task", "exec", "--exec-id", "c", &id, "cat", "/count"]);
-    assert!(out.trim().parse::<u64>().unwrap_or(0) >= now);
+    // `cat` in the container may come between the counter's truncation and
+    // its write, and read nothing: read until it finds a number.
+    let mut out = String::new();
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            out = ctr_ok(&["task", "exec", "--exec-id", "c", &id, "cat", "/count"]);
+            out.trim().parse::<u64>().is_ok()
+        }),
+        "cat /count in the container read no number: {out:?}"
+    );
+    let seen = out.trim().parse::<u64>().unwrap_or(0);
+    assert!(seen >= now, "exec read {seen}, the host read {now} before");
 }
 
 #[test]

@@ -3,7 +3,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, ExitStatus, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -339,6 +339,131 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// Runs `cmd` with stdin closed and returns its output, or, if it has not
+/// exited after `timeout`, takes `report()` (while it still runs), kills it
+/// and returns `Err` with what it wrote and the report.
+///
+/// Output goes through files, not pipes, as in [`Migrun::run`]: nothing
+/// the command leaves behind can keep the caller reading.
+pub fn output_within(
+    cmd: &mut Command,
+    timeout: Duration,
+    report: impl FnOnce() -> String,
+) -> Result<Output, (Output, String)> {
+    let mut out = tempfile::tempfile().expect("tmp");
+    let mut err = tempfile::tempfile().expect("tmp");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().expect("dup"))
+        .stderr(err.try_clone().expect("dup"))
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {:?}: {e}", cmd.get_program()));
+    let (status, hung) = wait_within(&mut child, timeout, report);
+    let read = |f: &mut fs::File| {
+        use std::io::{Read, Seek};
+        let mut buf = Vec::new();
+        f.rewind().expect("rewind");
+        f.read_to_end(&mut buf).expect("read");
+        buf
+    };
+    let output = Output {
+        status,
+        stdout: read(&mut out),
+        stderr: read(&mut err),
+    };
+    match hung {
+        None => Ok(output),
+        Some(report) => Err((output, report)),
+    }
+}
+
+/// Waits for `child` up to `timeout`; when the time is up, takes
+/// `report()` and kills it. Returns its status, and the report if it had
+/// to be killed.
+pub fn wait_within(
+    child: &mut std::process::Child,
+    timeout: Duration,
+    report: impl FnOnce() -> String,
+) -> (ExitStatus, Option<String>) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return (status, None);
+        }
+        if Instant::now() > deadline {
+            let report = report();
+            let _ = child.kill();
+            return (child.wait().expect("wait after kill"), Some(report));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// What the processes whose command line mentions one of `names` are
+/// doing: `ps --forest` rows (with the kernel function each waits in) and
+/// the kernel stacks of those processes, for a report on a hang.
+pub fn processes_report(names: &[&str]) -> String {
+    let ps = Command::new("ps")
+        .args(["-eo", "pid,ppid,stat,wchan:32,etime,args", "--forest"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_else(|e| format!("ps: {e}\n"));
+    let mut report = String::new();
+    let mut pids = Vec::new();
+    for (i, line) in ps.lines().enumerate() {
+        if i == 0 || names.iter().any(|n| line.contains(n)) {
+            report.push_str(line);
+            report.push('\n');
+            if i > 0 {
+                pids.extend(
+                    line.split_whitespace()
+                        .next()
+                        .and_then(|p| p.parse::<i32>().ok()),
+                );
+            }
+        }
+    }
+    let me = std::process::id() as i32;
+    for pid in pids.into_iter().filter(|&p| p != me) {
+        for task in fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let dir = task.path();
+            let stack = fs::read_to_string(dir.join("stack")).unwrap_or_default();
+            let comm = fs::read_to_string(dir.join("comm")).unwrap_or_default();
+            // Threads idle in a futex or an epoll loop (every daemon has
+            // plenty) say nothing.
+            if stack.trim().is_empty() || stack.contains("futex_") || stack.contains("epoll_wait") {
+                continue;
+            }
+            report.push_str(&format!(
+                "-- {pid}/{} ({}):\n{stack}",
+                task.file_name().to_string_lossy(),
+                comm.trim()
+            ));
+        }
+    }
+    report
+}
+
+/// The last `n` lines of the file at `path` that contain `needle` (all
+/// lines for an empty needle), for a report.
+pub fn tail_of(path: &Path, needle: &str, n: usize) -> String {
+    let text = match fs::read(path) {
+        Ok(t) => String::from_utf8_lossy(&t).into_owned(),
+        Err(e) => return format!("({}: {e})\n", path.display()),
+    };
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty() && l.contains(needle))
+        .collect();
+    let mut tail = lines[lines.len().saturating_sub(n)..].join("\n");
+    tail.push('\n');
+    tail
+}
+
 /// Environment variable that marks the processes of a test bundle.
 const MARKER_VAR: &str = "MIGRUN_TEST_BUNDLE";
 
@@ -542,6 +667,20 @@ pub fn counter_at(rootfs: &Path) -> u64 {
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(0)
+}
+
+/// The counter that [`COUNTER`] keeps in the file `path`, once a read finds
+/// a number: the loop truncates and rewrites the file, so a read can come
+/// between the two and find it empty. Polls up to 2 s; `None` if no read parsed.
+pub fn counter_in(path: &Path) -> Option<u64> {
+    let mut value = None;
+    wait_until(Duration::from_secs(2), || {
+        value = fs::read_to_string(path)
+            .ok()
+            .and_then(|s| s.trim().parse().ok());
+        value.is_some()
+    });
+    value
 }
 
 /// Asks a test program in a container (`programs/pattern.c`,
