@@ -321,16 +321,45 @@ const CLOSE_STDIN: u8 = b'c';
 /// Ends the relay now.
 const QUIT: u8 = b'q';
 
+/// Set by the relay thread when it has ended (its descriptors closed).
+type DoneFlag = Arc<(Mutex<bool>, Condvar)>;
+
 /// A running relay thread of one process.
 pub struct Relay {
     control: File,
-    done: Arc<(Mutex<bool>, Condvar)>,
+    done: DoneFlag,
+    /// Whether the process has outputs (stdout, stderr or a terminal).
+    outputs: bool,
+}
+
+/// Waits for a relay's outputs to drain, without holding the relay.
+pub struct Drained(Option<DoneFlag>);
+
+impl Drained {
+    /// Blocks until every output of the process reached end of file and
+    /// all that it wrote was copied to containerd's FIFOs, which are then
+    /// closed; or until `timeout` passed (a daemonised grandchild may hold
+    /// a pipe open for good). Returns whether the outputs drained.
+    pub fn wait(&self, timeout: Duration) -> bool {
+        let Some(done) = &self.0 else {
+            return true;
+        };
+        let (lock, cv) = &**done;
+        match lock.lock() {
+            Ok(guard) => cv
+                .wait_timeout_while(guard, timeout, |d| !*d)
+                .map(|(d, _)| *d)
+                .unwrap_or(false),
+            Err(_) => false,
+        }
+    }
 }
 
 impl Relay {
     /// Starts copying; the thread ends when every output reached end of
     /// file (or, without outputs, when stdin did), or on [`Relay::stop`].
     pub fn start(plumbing: Plumbing) -> Result<Self> {
+        let outputs = plumbing.channels.iter().any(|c| !c.stdin);
         let (r, w) = pipe()?;
         let control = File::from(w);
         let done = Arc::new((Mutex::new(false), Condvar::new()));
@@ -348,7 +377,16 @@ impl Relay {
                 cv.notify_all();
             })
             .ctx(|| "start io thread".to_string())?;
-        Ok(Self { control, done })
+        Ok(Self {
+            control,
+            done,
+            outputs,
+        })
+    }
+
+    /// A handle to wait for the outputs to drain (at once if there are none).
+    pub fn drained(&self) -> Drained {
+        Drained(self.outputs.then(|| Arc::clone(&self.done)))
     }
 
     /// Closes the process's stdin (containerd's CloseIO).

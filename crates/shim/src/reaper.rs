@@ -50,7 +50,7 @@ fn wait_any(nohang: bool) -> bool {
 }
 
 /// Reaps every exited child; the reap lock is held.
-fn reap_all(inner: &Inner) {
+fn reap_all(inner: &Arc<Inner>) {
     loop {
         match waitpid(None, Some(WaitPidFlag::WNOHANG | WaitPidFlag::__WALL)) {
             Ok(WaitStatus::Exited(pid, code)) => inner.on_exit(pid.as_raw(), code),
@@ -61,7 +61,7 @@ fn reap_all(inner: &Inner) {
     }
 }
 
-fn run(inner: &Inner) {
+fn run(inner: &Arc<Inner>) {
     loop {
         if wait_any(false) {
             let _guard = inner

@@ -78,6 +78,9 @@ struct Proc {
     stdio: StdioPaths,
     relay: Option<Relay>,
     console: Option<fs::File>,
+    /// Reaped, its exit recorded, but its output still draining: not yet
+    /// stopped for containerd.
+    reaped: bool,
     /// Exec processes: the process spec, until started.
     spec: Option<Vec<u8>>,
 }
@@ -92,6 +95,7 @@ impl Proc {
             stdio,
             relay: None,
             console: None,
+            reaped: false,
             spec: None,
         }
     }
@@ -170,40 +174,92 @@ impl Inner {
         }
     }
 
-    /// Records the exit of child `pid` (called by the reaper).
-    pub fn on_exit(&self, pid: i32, code: i32) {
-        let mut containers = lock(&self.containers);
-        for (id, entry) in containers.iter_mut() {
+    /// Records the exit of child `pid` (called by the reaper, which holds
+    /// the reap lock). The process counts as stopped, and its exit is
+    /// published, only once the relay has copied all it wrote to
+    /// containerd's FIFOs and closed them (as containerd's Go shim waits
+    /// for its I/O copy): a client that sees the exit and then stops
+    /// reading would lose the last output otherwise. The wait is bounded,
+    /// and happens on a thread of its own so that reaping goes on.
+    pub fn on_exit(self: &Arc<Self>, pid: i32, code: i32) {
+        let (id, exec_id, drained) = {
+            let mut containers = lock(&self.containers);
             let mut hit = None;
-            if entry.init.pid == pid && entry.init.status != Status::Stopped {
-                entry.init.exited(code);
-                hit = Some((id.clone(), &entry.init));
-            } else {
-                for (exec_id, p) in entry.execs.iter_mut() {
-                    if p.pid == pid && p.status != Status::Stopped {
-                        p.exited(code);
-                        hit = Some((exec_id.clone(), &*p));
-                        break;
-                    }
+            for (id, entry) in containers.iter_mut() {
+                let live = |p: &Proc| p.pid == pid && p.status != Status::Stopped && !p.reaped;
+                if live(&entry.init) {
+                    hit = Some((id.clone(), String::new(), &mut entry.init));
+                } else if let Some((exec_id, p)) = entry.execs.iter_mut().find(|(_, p)| live(p)) {
+                    hit = Some((id.clone(), exec_id.clone(), p));
+                }
+                if hit.is_some() {
+                    break;
                 }
             }
-            if let Some((proc_id, p)) = hit {
-                log::info!("container {id}: process {proc_id} (pid {pid}) exited with {code}");
-                self.publish(
-                    topics::TASK_EXIT_EVENT_TOPIC,
-                    Box::new(TaskExit {
-                        container_id: id.clone(),
-                        id: proc_id,
-                        pid: u32::try_from(pid).unwrap_or(0),
-                        exit_status: p.exit_status,
-                        exited_at: Some(timestamp(p.exited_at)).into(),
-                        ..Default::default()
-                    }),
-                );
-                self.exits.notify_all();
+            let Some((id, exec_id, p)) = hit else {
                 return;
-            }
+            };
+            p.reaped = true;
+            p.exit_status = u32::try_from(code).unwrap_or(255);
+            p.exited_at = Some(SystemTime::now());
+            let drained = p.relay.as_ref().map(Relay::drained);
+            (id, exec_id, drained)
+        };
+        let proc_id = if exec_id.is_empty() { &id } else { &exec_id };
+        log::info!("container {id}: process {proc_id} (pid {pid}) exited with {code}");
+        let Some(drained) = drained else {
+            self.exit_published(&id, &exec_id, pid);
+            return;
+        };
+        let inner = Arc::clone(self);
+        let (id2, exec_id2) = (id.clone(), exec_id.clone());
+        let spawned = std::thread::Builder::new()
+            .name("exit".into())
+            .stack_size(64 * 1024)
+            .spawn(move || {
+                if !drained.wait(DRAIN_TIMEOUT) {
+                    log::warn!(
+                        "container {id2}: output of pid {pid} still open {DRAIN_TIMEOUT:?} after its exit"
+                    );
+                }
+                inner.exit_published(&id2, &exec_id2, pid);
+            });
+        if let Err(e) = spawned {
+            log::warn!("start exit thread: {e}");
+            self.exit_published(&id, &exec_id, pid);
         }
+    }
+
+    /// Marks the reaped process `pid` (`exec_id` of container `id`, "" for
+    /// its init) stopped, publishes its exit and wakes its waiters.
+    fn exit_published(&self, id: &str, exec_id: &str, pid: i32) {
+        let mut containers = lock(&self.containers);
+        let Some(p) = containers.get_mut(id).and_then(|e| {
+            if exec_id.is_empty() {
+                Some(&mut e.init)
+            } else {
+                e.execs.get_mut(exec_id)
+            }
+        }) else {
+            return;
+        };
+        if p.pid != pid || !p.reaped || p.status == Status::Stopped {
+            return;
+        }
+        p.status = Status::Stopped;
+        self.publish(
+            topics::TASK_EXIT_EVENT_TOPIC,
+            Box::new(TaskExit {
+                container_id: id.to_string(),
+                id: if exec_id.is_empty() { id } else { exec_id }.to_string(),
+                pid: u32::try_from(pid).unwrap_or(0),
+                exit_status: p.exit_status,
+                exited_at: Some(timestamp(p.exited_at)).into(),
+                ..Default::default()
+            }),
+        );
+        drop(containers);
+        self.exits.notify_all();
     }
 }
 
@@ -688,7 +744,7 @@ impl Service {
     fn do_kill(&self, req: &KillRequest) -> Result<()> {
         let sig = Signal::try_from(i32::try_from(req.signal).unwrap_or(-1))
             .map_err(|_| ShimError::InvalidArgument(format!("invalid signal {}", req.signal)))?;
-        let (pid, status) = {
+        let (pid, status, reaped) = {
             let containers = lock(&self.inner.containers);
             let entry = containers
                 .get(&req.id)
@@ -696,7 +752,7 @@ impl Service {
             let p = entry
                 .process(&req.exec_id)
                 .ok_or_else(|| Self::not_found(&req.id, &req.exec_id))?;
-            (p.pid, p.status)
+            (p.pid, p.status, p.reaped)
         };
         if req.all && req.exec_id.is_empty() {
             let container = self.inner.root.load(&req.id)?;
@@ -705,7 +761,8 @@ impl Service {
             }
             return Ok(());
         }
-        if status == Status::Stopped || pid <= 0 {
+        // Reaped (its output still draining): the pid may be another's now.
+        if status == Status::Stopped || reaped || pid <= 0 {
             return Err(ShimError::NotFound("process already finished".into()));
         }
         nix::sys::signal::kill(Pid::from_raw(pid), sig).map_err(|e| {
