@@ -59,30 +59,24 @@ impl Target {
         extra: &[&str],
         work: Option<tempfile::TempDir>,
     ) -> Self {
-        let addr = format!("127.0.0.1:{}", port());
+        Self::start_full(m, key, extra, &[], work)
+    }
+
+    /// [`start_on`](Self::start_on) with `in_args` for migrate-in itself
+    /// (after the command: `--peer-timeout`, `--inject-fault`).
+    pub fn start_full(
+        m: Migrun,
+        key: &Path,
+        extra: &[&str],
+        in_args: &[&str],
+        work: Option<tempfile::TempDir>,
+    ) -> Self {
         let work = work.unwrap_or_else(|| tempfile::tempdir().expect("tmp"));
         // The log lives outside the work directory, whose contents the tests check.
         let log_dir = tempfile::tempdir().expect("tmp");
         let log = log_dir.path().join("migrate-in.log");
-        let logf = fs::File::create(&log).expect("log");
-        let child = m
-            .command()
-            .args(extra)
-            .args(["migrate-in", "--listen", &addr, "--once", "--key"])
-            .arg(key)
-            .arg("--work-dir")
-            .arg(work.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(logf)
-            .spawn()
-            .expect("spawn migrate-in");
-        // Not a probe connection: with --once it would be the one migration.
-        assert!(wait_until(Duration::from_secs(5), || fs::read_to_string(
-            &log
-        )
-        .map(|l| l.contains("listening"))
-        .unwrap_or(false)));
+        let addr = format!("127.0.0.1:{}", port());
+        let child = spawn_in(&m, key, extra, in_args, &addr, work.path(), &log);
         Self {
             m,
             child,
@@ -91,6 +85,23 @@ impl Target {
             log,
             _log_dir: log_dir,
         }
+    }
+
+    /// Starts a new `migrate-in --once` on the same root and work
+    /// directory (and a new port), after the last one ended.
+    pub fn again(&mut self, key: &Path, in_args: &[&str]) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.addr = format!("127.0.0.1:{}", port());
+        self.child = spawn_in(
+            &self.m,
+            key,
+            &[],
+            in_args,
+            &self.addr,
+            self.work.path(),
+            &self.log,
+        );
     }
 
     /// What migrate-in wrote on stderr so far.
@@ -240,4 +251,43 @@ pub fn processes_mentioning(needle: &Path) -> Vec<i32> {
 /// Whether `haystack` contains `needle` (byte strings).
 pub fn contains_bytes(haystack: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Spawns `migrate-in --once` on `m`'s root and waits until it listens
+/// (its stderr appended to `log`).
+fn spawn_in(
+    m: &Migrun,
+    key: &Path,
+    extra: &[&str],
+    in_args: &[&str],
+    addr: &str,
+    work: &Path,
+    log: &Path,
+) -> Child {
+    let logf = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("log");
+    let before = fs::read_to_string(log).map(|l| l.len()).unwrap_or(0);
+    let child = m
+        .command()
+        .args(extra)
+        .args(["migrate-in", "--listen", addr, "--once", "--key"])
+        .arg(key)
+        .arg("--work-dir")
+        .arg(work)
+        .args(in_args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(logf)
+        .spawn()
+        .expect("spawn migrate-in");
+    // Not a probe connection: with --once it would be the one migration.
+    assert!(wait_until(Duration::from_secs(5), || fs::read_to_string(
+        log
+    )
+    .map(|l| l.get(before..).unwrap_or_default().contains("listening"))
+    .unwrap_or(false)));
+    child
 }

@@ -85,53 +85,70 @@ pub async fn answer(root: &StateRoot, ch: &mut Channel, id: &str, peer: Peer) ->
 
 /// `migrun migrate-recover ID`: settles this host's side(s) of the
 /// migration of `ID`; returns what was done, for the operator.
+///
+/// With `--peer` or `--listen`, the two sides always exchange their
+/// steps first (a side that is settled, or could decide alone, still
+/// tells the other, which may need it), and both decide the same way.
 pub async fn recover(root: &StateRoot, opts: &RecoverOptions) -> Result<String> {
     let source = Journal::open(root.path(), Role::Source, &opts.id)?;
     let target = Journal::open(root.path(), Role::Target, &opts.id)?;
-    if source.is_none() && target.is_none() && (opts.peer.is_some() || opts.listen.is_some()) {
-        // Nothing here: say so to the peer, whose journal then decides.
-        exchange(opts, None).await?;
-        return Ok(format!("no migration of {} here (told the peer)", opts.id));
-    }
-    if source.is_none() && target.is_none() {
-        return Err(MigrateError::Source(format!(
-            "no migration of {} to settle under {}",
-            opts.id,
-            root.path().display()
-        )));
-    }
-    let mut done = Vec::new();
-    for j in [source, target].into_iter().flatten() {
-        if j.step().settled() {
-            done.push(format!(
-                "{} side already {}",
-                j.record().role.name(),
-                j.step().name()
-            ));
-            j.remove();
-            continue;
-        }
-        if journal::writer_alive(j.record().pid) {
+    let mut journals: Vec<Journal> = [source, target].into_iter().flatten().collect();
+    for j in &journals {
+        if !j.step().settled() && journal::writer_alive(j.record().pid) {
             return Err(MigrateError::Source(format!(
                 "the migration of {} is still in progress here (process {}): let it finish or end it first",
                 opts.id,
                 j.record().pid
             )));
         }
+    }
+    let asks = opts.peer.is_some() || opts.listen.is_some();
+    if journals.is_empty() {
+        if asks {
+            // Nothing here: say so to the peer, whose journal then decides.
+            exchange(opts, None).await?;
+            return Ok(format!("no migration of {} here (told the peer)", opts.id));
+        }
+        return Err(MigrateError::Source(format!(
+            "no migration of {} to settle under {}",
+            opts.id,
+            root.path().display()
+        )));
+    }
+    let mut peer = None;
+    if asks && journals.len() == 1 {
+        match exchange(opts, journals.first()).await {
+            Ok(p) => peer = p,
+            Err(e) => eprintln!("migrate-recover: could not ask the peer: {e}"),
+        }
+    }
+    let mut done = Vec::new();
+    for j in journals.drain(..) {
         let role = j.record().role;
-        let alone = decide_alone(&j);
-        let winner = match alone {
-            Some(w) => Some(w),
-            None => ask_peer(opts, &j).await?,
-        };
-        let winner = winner.or(opts.winner).ok_or_else(|| {
-            MigrateError::InDoubt(format!(
-                "the {} side of {} is {} and the peer could not be asked: run again with --peer ADDR (or --listen ADDR), or name the side that wins with --winner source|target",
-                role.name(),
-                opts.id,
-                j.step().name()
-            ))
-        })?;
+        if j.step().settled() {
+            done.push(format!("{} side already {}", role.name(), j.step().name()));
+            // What it had not yet removed when it was cut off.
+            for dir in [&j.record().images, &j.record().scratch]
+                .into_iter()
+                .flatten()
+            {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+            j.remove();
+            continue;
+        }
+        let winner = peer
+            .and_then(|p| decide_with(&j, p))
+            .or_else(|| decide_alone(&j))
+            .or(opts.winner)
+            .ok_or_else(|| {
+                MigrateError::InDoubt(format!(
+                    "the {} side of {} is {} and the peer could not be asked: run again with --peer ADDR (or --listen ADDR), or name the side that wins with --winner source|target",
+                    role.name(),
+                    opts.id,
+                    j.step().name()
+                ))
+            })?;
         done.push(settle(root, j, winner)?);
     }
     Ok(done.join("; "))
@@ -147,13 +164,9 @@ fn decide_alone(j: &Journal) -> Option<Winner> {
     }
 }
 
-/// Exchanges steps with the peer (if `--peer` or `--listen` was given)
-/// and decides with both.
-async fn ask_peer(opts: &RecoverOptions, j: &Journal) -> Result<Option<Winner>> {
-    let Some(peer) = exchange(opts, Some(j)).await? else {
-        return Ok(None);
-    };
-    Ok(match j.record().role {
+/// What this side's journal and the peer's answer decide together.
+fn decide_with(j: &Journal, peer: Peer) -> Option<Winner> {
+    match j.record().role {
         Role::Source => journal::decide(Some(j.step()), peer.step, peer.whole),
         Role::Target => {
             // A source that answers with no journal has settled: before
@@ -164,7 +177,7 @@ async fn ask_peer(opts: &RecoverOptions, j: &Journal) -> Result<Option<Winner>> 
                 .or((j.step() < Step::Continued).then_some(Step::Aborted));
             journal::decide(source, Some(j.step()), j.target_copy_whole())
         }
-    })
+    }
 }
 
 /// Tells the peer where this side stands (`j`, or nothing) and returns
@@ -261,6 +274,7 @@ fn settle(root: &StateRoot, mut j: Journal, winner: Winner) -> Result<String> {
 /// The source takes its container back: thawed, its connections let in,
 /// CRIU's network lock gone, its CPU limit back.
 pub fn take_back(root: &StateRoot, r: &Record) {
+    end_orphan_dump(root, &r.container);
     crate::netmove::release(root, &r.container);
     if let Ok(c) = root.load(&r.container) {
         if let (Some(limit), Some(cfg)) = (&r.cpu_limit, c.spec().ok()) {
@@ -268,6 +282,48 @@ pub fn take_back(root: &StateRoot, r: &Record) {
         }
         if c.status() == libcontainer::container::ContainerStatus::Paused {
             let _ = lifecycle::resume(root, &r.container);
+        }
+    }
+}
+
+/// Kills a CRIU dump that a dead `migrate-out` left holding the
+/// container's processes (ptrace-attached: their tracer): its tasks stay
+/// frozen by the freezer, as when a live migrate-out ends its dump.
+fn end_orphan_dump(root: &StateRoot, id: &str) {
+    let Ok(c) = root.load(id) else {
+        return;
+    };
+    let Ok(pids) = lifecycle::container_pids(&c) else {
+        return;
+    };
+    for pid in pids {
+        let tracer = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("TracerPid:"))
+                    .and_then(|v| v.trim().parse::<i32>().ok())
+            })
+            .unwrap_or(0);
+        if tracer > 0 {
+            let comm = std::fs::read_to_string(format!("/proc/{tracer}/comm")).unwrap_or_default();
+            if comm.trim() == "criu" {
+                eprintln!(
+                    "migrate-recover: ending the CRIU dump ({tracer}) left by the dead migrate-out"
+                );
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(tracer),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                // Its tasks are let go once it is gone.
+                let _ = std::fs::metadata(format!("/proc/{tracer}"));
+                for _ in 0..100 {
+                    if !Path::new(&format!("/proc/{tracer}")).exists() {
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+            }
         }
     }
 }

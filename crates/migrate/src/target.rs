@@ -622,6 +622,7 @@ async fn on_start(
         },
     )?);
     inc.id = Some(container_id.clone());
+    inc.step(Step::Receiving, opts.fault)?;
     // Left by a migration of this id that failed before its journal:
     // no container owns it (checked above).
     if opts.docker_host.is_none() && dir.exists() {
@@ -1032,6 +1033,7 @@ async fn finish(opts: &InOptions, ch: &mut Channel, inc: &mut Incoming) -> Resul
     if let Some(j) = inc.journal.take() {
         j.remove();
     }
+    let _ = fs::remove_dir_all(&inc.scratch);
     Ok(())
 }
 
