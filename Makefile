@@ -8,7 +8,7 @@ export MIGRUN_BIN
 export PATH := /usr/local/sbin:/usr/local/bin:$(PATH):/root/.cargo/bin
 
 .PHONY: all deps build lint test unit-test fuzz fuzz-test e2e-test docker-up docker-down docker-up-b docker-down-b docker-up-ab docker-down-ab containerd-up containerd-down demo \
-        bench-shim bench bench-quick bench-suite bench-deps bench-test bench-runtime bench-checkpoint bench-migrate bench-tree clean
+        bench-shim bench bench-quick bench-suite bench-deps bench-test bench-runtime bench-checkpoint bench-migrate bench-tree soak clean
 
 all: build
 
@@ -136,6 +136,13 @@ bench-migrate: build
 # only its own example (crates/migrate/examples/tree_cost/).
 bench-tree: bench-deps
 	@bash hack/bench-tree.sh
+
+# Soak (not in make test): SOAK_MOVES (default 500) live migrations back and
+# forth of the dirtier and of redis under SET load, the data checked after
+# every move (hack/soak.sh); figures in bench/results/<date>/soak/.
+soak: build bench-deps
+	@bash hack/bench/images.sh dirtier redis
+	@bash hack/soak.sh
 
 # The shim against containerd's io.containerd.runc.v2: RSS per container, `ctr run --rm` latency.
 bench-shim: build containerd-up
