@@ -225,7 +225,8 @@ impl Source<'_> {
             // A process may exit at any moment (a shell's short-lived
             // children do, many times a second): then it is simply skipped.
             let tracker = if track {
-                let opened = dirty::open_best(proc.host).and_then(|mut t| t.start().map(|_| t));
+                let opened =
+                    dirty::open_configured(proc.host).and_then(|mut t| t.start().map(|_| t));
                 match opened {
                     Ok(t) => {
                         self.stats.dirty_tracking = t.name().to_string();
