@@ -1008,16 +1008,14 @@ fn test_hash_record_sent_untracked() {
     let mut c = Child::spawn();
     let mut t = dirty::open(c.pid, Backend::Hash).expect("open");
     t.start().expect("start");
+    // The child writes every page of a new mapping: all are sent.
     let r = c.map(4);
     c.write(r, 1, &[1, 2]);
     let ps = page_size() as usize;
-    let mut pages = vec![0u8; 2 * ps];
-    assert_eq!(
-        migrun_read(c.pid, r.addr + ps as u64, &mut pages),
-        pages.len()
-    );
+    let mut pages = vec![0u8; 4 * ps];
+    assert_eq!(migrun_read(c.pid, r.addr, &mut pages), pages.len());
     for (i, page) in pages.chunks_exact(ps).enumerate() {
-        t.record_sent(r.addr + (1 + i) as u64 * ps as u64, page);
+        t.record_sent(r.addr + (i * ps) as u64, page);
     }
     c.cmd(&format!("dontneed {} 1 1", r.id));
     assert_eq!(
