@@ -1,14 +1,15 @@
 //! Live migration between two migrun roots on this host, over loopback:
 //! real containers, real memory, real faults.
 
+use std::ffi::OsStr;
 use std::fs;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use migrun_tests::{
-    check_memory, counter_at, migrate_out, pair_key, path, target_rootfs, unique_id, wait_until,
-    Bundle, Migrun, Target, Tmpfs, COUNTER,
+    check_memory, counter_at, migrate_out, migrate_out_with, pair_key, path, target_rootfs,
+    unique_id, wait_until, Bundle, Migrun, Target, Tmpfs, COUNTER,
 };
 
 fn counter(rootfs: &Path) -> u64 {
@@ -110,6 +111,52 @@ fn memory_of_512_mib_dirtied_container_arrives_with_little_downtime_traffic() {
     let rootfs = target_rootfs(&target, &id);
     assert_eq!(check_memory(&rootfs, "", Duration::from_secs(60)), "ok 512");
     target.m.ok(&["delete", "-f", &id]);
+}
+
+/// Issue 15: the hash backend (the one Docker containers get) must compare
+/// each collect with what was sent, not with what its previous collect saw.
+/// 256 pages flip between two contents at random, thousands of times a
+/// second, so pages are sent as B and are A again by the next collect
+/// (A→B→A). With hashing forced, the target's memory must be what the
+/// program last wrote. Before the engine called `record_sent`, every run
+/// failed here (11 of 11, about 63 of the 256 pages wrong).
+#[test]
+fn hash_tracking_resends_pages_changed_back_after_being_sent() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let key = pair_key(dir.path());
+    let src = Migrun::new();
+    let id = unique_id("mig-flip");
+    let b = Bundle::new(&["/flipper", "256", "32"]);
+    b.install_program("flipper");
+    src.ok_quiet(&["run", "-d", "-b", path(b.path()), &id]);
+    assert!(wait_until(Duration::from_secs(30), || b
+        .read("ready")
+        .is_some()));
+    // The program's own check holds on the source.
+    assert_eq!(
+        check_memory(&b.rootfs(), "", Duration::from_secs(30)),
+        "ok 256"
+    );
+    let mut target = Target::start(&key);
+    // dirty::BACKEND_ENV in crates/migrate.
+    let env = [("MIGRUN_DIRTY_BACKEND", OsStr::new("hash"))];
+    let (ok, err, stats) = migrate_out_with(
+        &src,
+        &id,
+        &target,
+        &key,
+        &[],
+        &env,
+        Duration::from_secs(300),
+    );
+    assert!(ok, "migrate-out failed: {err}\ntarget: {}", target.log());
+    assert!(target.finish(), "{}", target.log());
+    let stats = stats.expect("stats");
+    assert_eq!(stats["dirty_tracking"], "hash", "{stats}");
+    let rootfs = target_rootfs(&target, &id);
+    let result = check_memory(&rootfs, "", Duration::from_secs(30));
+    target.m.ok(&["delete", "-f", &id]);
+    assert_eq!(result, "ok 256", "memory differs on the target: {err}");
 }
 
 #[test]

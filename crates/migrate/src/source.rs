@@ -259,6 +259,7 @@ impl Source<'_> {
             let mut buf = std::mem::take(&mut self.buf);
             if let Some(bytes) = reader.read(addr, n, &mut buf) {
                 let s = self.ch.send_pages(proc.ns, addr, bytes).await?;
+                self.record_sent(proc.host, addr, bytes);
                 data += s.data_pages as u64;
                 zero += s.zero_pages as u64;
             } else {
@@ -267,6 +268,7 @@ impl Source<'_> {
                     let a = addr + i * PAGE;
                     if let Some(bytes) = reader.read(a, 1, &mut buf) {
                         let s = self.ch.send_pages(proc.ns, a, bytes).await?;
+                        self.record_sent(proc.host, a, bytes);
                         data += s.data_pages as u64;
                         zero += s.zero_pages as u64;
                     }
@@ -275,6 +277,19 @@ impl Source<'_> {
             self.buf = buf;
         }
         Ok((data, zero))
+    }
+
+    /// Tells the tracker of `pid`, if it has one, the content sent of the
+    /// pages from `addr` (`bytes`, whole pages, zero pages included): a
+    /// tracker comparing contents (hash) must compare the next collect
+    /// with what the target got, not with what its own collect saw, or a
+    /// page changed back (A→B→A) after being read would be missed.
+    fn record_sent(&mut self, pid: i32, addr: u64, bytes: &[u8]) {
+        if let Some((_, Some(t))) = self.trackers.get_mut(&pid) {
+            for (i, page) in bytes.chunks_exact(PAGE as usize).enumerate() {
+                t.record_sent(addr + i as u64 * PAGE, page);
+            }
+        }
     }
 
     /// Sends every populated page of processes not seen before. With
@@ -293,7 +308,8 @@ impl Source<'_> {
             // A process may exit at any moment (a shell's short-lived
             // children do, many times a second): then it is simply skipped.
             let tracker = if track {
-                let opened = dirty::open_best(proc.host).and_then(|mut t| t.start().map(|_| t));
+                let opened =
+                    dirty::open_configured(proc.host).and_then(|mut t| t.start().map(|_| t));
                 match opened {
                     Ok(t) => {
                         self.stats.dirty_tracking = t.name().to_string();

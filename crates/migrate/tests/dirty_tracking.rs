@@ -1000,6 +1000,35 @@ fn test_hash_record_sent() {
     c.exit();
 }
 
+/// A page of a mapping made after the last snapshot, sent while it held
+/// data and zapped since (zero again, as it was before it was written):
+/// the next collect compares with what was sent, so it is reported,
+/// although a never-seen zero page is otherwise no news.
+fn test_hash_record_sent_untracked() {
+    let mut c = Child::spawn();
+    let mut t = dirty::open(c.pid, Backend::Hash).expect("open");
+    t.start().expect("start");
+    // The child writes every page of a new mapping: all are sent.
+    let r = c.map(4);
+    c.write(r, 1, &[1, 2]);
+    let ps = page_size() as usize;
+    let mut pages = vec![0u8; 4 * ps];
+    assert_eq!(migrun_read(c.pid, r.addr, &mut pages), pages.len());
+    for (i, page) in pages.chunks_exact(ps).enumerate() {
+        t.record_sent(r.addr + (i * ps) as u64, page);
+    }
+    c.cmd(&format!("dontneed {} 1 1", r.id));
+    assert_eq!(
+        r.indices(&collect(&mut *t)),
+        [1],
+        "a sent page zeroed since must be reported, an unchanged one not"
+    );
+    // Compared once: after this collect the mapping is tracked as usual.
+    assert_eq!(r.indices(&collect(&mut *t)), Vec::<u64>::new());
+    t.stop().expect("stop");
+    c.exit();
+}
+
 /// Pre-copy as the engine does it, against a child writing from two
 /// threads all the time: copy everything, then repeatedly collect and copy
 /// the dirty pages; stop the writers, collect and copy once more. The copy
@@ -1163,6 +1192,10 @@ const TESTS: &[Test] = &[
         test_uffd_wp_dontneed_whole_page_table,
     ),
     ("hash_record_sent", test_hash_record_sent),
+    (
+        "hash_record_sent_untracked",
+        test_hash_record_sent_untracked,
+    ),
     (
         "execve_after_start_reports_process_gone",
         test_execve_after_start_reports_process_gone,

@@ -17,6 +17,7 @@
 //! old and new content, which differs from its final content, so it is
 //! reported again by the next collect.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
@@ -150,6 +151,9 @@ pub struct HashTracker {
     pagemap: File,
     mem: File,
     segments: Vec<Segment>,
+    /// Hashes of what was sent of pages outside `segments` (mapped after
+    /// the last snapshot), until the next collect compares with them.
+    sent_untracked: HashMap<u64, u64>,
     started: bool,
     buf: Vec<u8>,
 }
@@ -175,6 +179,7 @@ impl HashTracker {
             pagemap: open("pagemap")?,
             mem: open("mem")?,
             segments: Vec::new(),
+            sent_untracked: HashMap::new(),
             started: false,
             buf: vec![0u8; (READ_CHUNK_PAGES * page_size) as usize],
         })
@@ -286,6 +291,7 @@ impl DirtyTracker for HashTracker {
         let maps = self.maps()?;
         let ranges = tracked_ranges(&maps, &RangeSet::new());
         self.segments = self.snapshot(&maps, &ranges)?;
+        self.sent_untracked.clear();
         self.started = true;
         Ok(())
     }
@@ -302,6 +308,7 @@ impl DirtyTracker for HashTracker {
         let ranges = tracked_ranges(&maps, &self.tracked());
         let new = self.snapshot(&maps, &ranges)?;
         let old = std::mem::take(&mut self.segments);
+        let sent_untracked = std::mem::take(&mut self.sent_untracked);
         let mut dirty = Vec::new();
         let mut cursor = 0;
         for seg in &new {
@@ -314,8 +321,8 @@ impl DirtyTracker for HashTracker {
                     .get(cursor)
                     .filter(|o| o.start <= addr)
                     .map(|o| o.hashes[((addr - o.start) / ps) as usize]);
-                let changed = match before {
-                    // Never seen: populated pages are new content.
+                let changed = match before.or_else(|| sent_untracked.get(&addr).copied()) {
+                    // Never seen nor sent: populated pages are new content.
                     None => h != self.zero_hash && h != UNPOPULATED_FILE,
                     Some(b) => b != h || h == UNREADABLE,
                 };
@@ -330,6 +337,7 @@ impl DirtyTracker for HashTracker {
 
     fn stop(&mut self) -> Result<()> {
         self.segments = Vec::new();
+        self.sent_untracked = HashMap::new();
         self.started = false;
         Ok(())
     }
@@ -340,8 +348,15 @@ impl DirtyTracker for HashTracker {
             return;
         }
         let i = self.segments.partition_point(|s| s.end <= addr);
-        if let Some(seg) = self.segments.get_mut(i).filter(|s| s.start <= addr) {
-            seg.hashes[((addr - seg.start) / ps) as usize] = page_hash(data);
+        match self.segments.get_mut(i).filter(|s| s.start <= addr) {
+            Some(seg) => seg.hashes[((addr - seg.start) / ps) as usize] = page_hash(data),
+            // Sent from a mapping made after the last snapshot: the next
+            // collect compares with it too (a page sent as B and zeroed
+            // since must be sent again, although zero is no new content).
+            None if self.started => {
+                self.sent_untracked.insert(addr, page_hash(data));
+            }
+            None => {}
         }
     }
 }

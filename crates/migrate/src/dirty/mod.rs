@@ -216,6 +216,45 @@ impl Backend {
     }
 }
 
+impl std::str::FromStr for Backend {
+    type Err = DirtyError;
+
+    /// A backend by its [name](Backend::name).
+    fn from_str(s: &str) -> Result<Self> {
+        [Backend::SoftDirty, Backend::UffdWp, Backend::Hash]
+            .into_iter()
+            .find(|b| b.name() == s)
+            .ok_or_else(|| DirtyError::Parse {
+                what: BACKEND_ENV.into(),
+                reason: format!("unknown backend {s:?} (soft-dirty, uffd-wp or hash)"),
+            })
+    }
+}
+
+/// The environment variable that makes [`open_configured`] use one
+/// backend instead of the best one: `soft-dirty`, `uffd-wp` or `hash`.
+/// For tests and comparisons (e.g. the hash backend, which Docker
+/// containers get, on a machine where uffd-wp works).
+pub const BACKEND_ENV: &str = "MIGRUN_DIRTY_BACKEND";
+
+/// Opens the tracker a migration uses for `pid` (not started yet): the
+/// backend named by [`BACKEND_ENV`] if it is set (failing if that backend
+/// cannot work here or cannot track `pid`), else [`open_best`].
+pub fn open_configured(pid: i32) -> Result<Box<dyn DirtyTracker>> {
+    let backend: Backend = match std::env::var(BACKEND_ENV) {
+        Ok(name) if !name.is_empty() => name.parse()?,
+        _ => return open_best(pid),
+    };
+    // Probed as open_best does: a kernel without soft-dirty bits would
+    // report no write at all.
+    match backend {
+        Backend::SoftDirty => soft_dirty::probe()?,
+        Backend::UffdWp => uffd_wp::probe().map(|_| ())?,
+        Backend::Hash => {}
+    }
+    open(pid, backend)
+}
+
 /// Opens a tracker of `pid` with the given backend (not started yet).
 ///
 /// For [`Backend::UffdWp`] this already injects the userfaultfd into the
@@ -410,6 +449,18 @@ pub(crate) fn tracked_ranges(maps: &ProcessMaps, previous: &RangeSet) -> RangeSe
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backends_parse_from_their_names() {
+        for b in [Backend::SoftDirty, Backend::UffdWp, Backend::Hash] {
+            assert_eq!(b.name().parse::<Backend>().ok(), Some(b));
+        }
+        let err = "uffd".parse::<Backend>().err().map(|e| e.to_string());
+        assert_eq!(
+            err.as_deref(),
+            Some("cannot parse MIGRUN_DIRTY_BACKEND: unknown backend \"uffd\" (soft-dirty, uffd-wp or hash)")
+        );
+    }
 
     #[test]
     fn dirty_set_sorts_merges_and_aligns() {
