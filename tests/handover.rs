@@ -140,6 +140,23 @@ fn leftover_rules(pid: i64) -> Vec<String> {
     found
 }
 
+/// CRIU processes still working for container `id` (their working
+/// directory is the migration's image directory, named after it).
+fn criu_left_for(id: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let comm = fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+        if comm.trim() != "criu" {
+            continue;
+        }
+        let cwd = fs::read_link(e.path().join("cwd")).unwrap_or_default();
+        if cwd.to_string_lossy().contains(id) {
+            out.push(format!("criu {:?} in {}", e.file_name(), cwd.display()));
+        }
+    }
+    out
+}
+
 /// What a case ended in, for the printed matrix.
 struct Outcome {
     running_on: &'static str,
@@ -214,6 +231,7 @@ fn settle_and_check(
                 .map(|e| format!("source journal {:?}", e.file_name())),
         );
     }
+    left.extend(criu_left_for(id));
     if !left.is_empty() {
         problems.push(format!("left behind: {left:?}"));
     }

@@ -286,44 +286,47 @@ pub fn take_back(root: &StateRoot, r: &Record) {
     }
 }
 
-/// Kills a CRIU dump that a dead `migrate-out` left holding the
-/// container's processes (ptrace-attached: their tracer): its tasks stay
-/// frozen by the freezer, as when a live migrate-out ends its dump.
+/// Kills a CRIU dump that a dead `migrate-out` left behind for the
+/// container (`criu: dump --rpc -t <its init pid>`, reparented to init,
+/// still serving lazy pages or holding the tasks): its tasks stay frozen
+/// by the freezer, as when a live migrate-out ends its dump.
 fn end_orphan_dump(root: &StateRoot, id: &str) {
-    let Ok(c) = root.load(id) else {
+    let Some(init) = root.load(id).ok().and_then(|c| c.pid()) else {
         return;
     };
-    let Ok(pids) = lifecycle::container_pids(&c) else {
+    let wanted = format!("-t {init}");
+    let Ok(entries) = std::fs::read_dir("/proc") else {
         return;
     };
-    for pid in pids {
-        let tracer = std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find_map(|l| l.strip_prefix("TracerPid:"))
-                    .and_then(|v| v.trim().parse::<i32>().ok())
-            })
-            .unwrap_or(0);
-        if tracer > 0 {
-            let comm = std::fs::read_to_string(format!("/proc/{tracer}/comm")).unwrap_or_default();
-            if comm.trim() == "criu" {
-                eprintln!(
-                    "migrate-recover: ending the CRIU dump ({tracer}) left by the dead migrate-out"
-                );
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(tracer),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-                // Its tasks are let go once it is gone.
-                let _ = std::fs::metadata(format!("/proc/{tracer}"));
-                for _ in 0..100 {
-                    if !Path::new(&format!("/proc/{tracer}")).exists() {
-                        break;
-                    }
-                    std::thread::sleep(std::time::Duration::from_millis(10));
-                }
+    for e in entries.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+        if comm.trim() != "criu" {
+            continue;
+        }
+        let cmdline = std::fs::read(e.path().join("cmdline"))
+            .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+            .unwrap_or_default();
+        let words: Vec<&str> = cmdline.split_whitespace().collect();
+        let is_dump = words.iter().any(|w| *w == "dump");
+        let of_it = words
+            .windows(2)
+            .any(|w| format!("{} {}", w[0], w[1]) == wanted);
+        if !(is_dump && of_it) {
+            continue;
+        }
+        eprintln!("migrate-recover: ending the CRIU dump ({pid}) left by the dead migrate-out");
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        for _ in 0..100 {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                break;
             }
+            std::thread::sleep(std::time::Duration::from_millis(10));
         }
     }
 }
