@@ -310,7 +310,7 @@ fn end_orphan_dump(root: &StateRoot, id: &str) {
             .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
             .unwrap_or_default();
         let words: Vec<&str> = cmdline.split_whitespace().collect();
-        let is_dump = words.iter().any(|w| *w == "dump");
+        let is_dump = words.contains(&"dump");
         let of_it = words
             .windows(2)
             .any(|w| format!("{} {}", w[0], w[1]) == wanted);
