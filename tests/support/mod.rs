@@ -546,6 +546,10 @@ pub fn memory_cgroup_of(pid: i32) -> Option<PathBuf> {
 
 /// Compiles `tests/programs/NAME.c` statically (once per run) and returns the binary.
 pub fn test_program(name: &str) -> PathBuf {
+    // Tests of one binary run in threads: one compiles, the others wait
+    // (they shared a temporary name, and a rename lost the race).
+    static COMPILING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = COMPILING.lock().unwrap_or_else(|e| e.into_inner());
     let out_dir = repo_root().join("target/test-programs");
     let out = out_dir.join(name);
     let src = repo_root().join(format!("tests/programs/{name}.c"));
