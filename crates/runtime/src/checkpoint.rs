@@ -468,11 +468,12 @@ pub fn checkpoint(root: &StateRoot, opts: &CheckpointOptions) -> Result<()> {
     }
     dumped?;
     if !opts.leave_running {
-        // The processes are gone; remove the container as runc does.
+        // The processes are gone; remove the container as runc does (its
+        // bundle stays: the checkpoint is restored from it).
         container
             .refresh_status()
             .ctx(|| "refresh status".to_string())?;
-        lifecycle::delete(root, &opts.id, true)?;
+        lifecycle::delete_keep_bundle(root, &opts.id, true)?;
     }
     Ok(())
 }

@@ -273,7 +273,20 @@ pub fn resume(root: &StateRoot, id: &str) -> Result<()> {
 }
 
 /// Deletes a container; a running one only with `force` (it is killed first).
+/// The bundle `migrate-in` kept for a migrated container in the state root
+/// ([`MIGRATED_BUNDLES`]) goes with it.
 pub fn delete(root: &StateRoot, id: &str, force: bool) -> Result<()> {
+    delete_inner(root, id, force, true)
+}
+
+/// [`delete`], but a migrated container's bundle in the state root stays:
+/// what `checkpoint` does when it ends the container (runc's), since the
+/// checkpoint's restore needs that root filesystem.
+pub fn delete_keep_bundle(root: &StateRoot, id: &str, force: bool) -> Result<()> {
+    delete_inner(root, id, force, false)
+}
+
+fn delete_inner(root: &StateRoot, id: &str, force: bool, bundle_too: bool) -> Result<()> {
     let mut container = root.load(id)?;
     if !force && !container.can_delete() {
         return Err(wrong_status(
@@ -322,7 +335,9 @@ pub fn delete(root: &StateRoot, id: &str, force: bool) -> Result<()> {
     if let Some(path) = cgroup_path {
         remove_empty_migrun_parent(&path);
     }
-    remove_migrated_bundle(root, id, container.bundle());
+    if bundle_too {
+        remove_migrated_bundle(root, id, container.bundle());
+    }
     Ok(())
 }
 
