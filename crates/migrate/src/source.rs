@@ -196,6 +196,17 @@ impl Source<'_> {
         }
     }
 
+    /// Waits for the target's `Ack` (see [`reply`](Self::reply)); any
+    /// other message is a protocol error.
+    async fn ack(&mut self, waiting_for: &str) -> Result<()> {
+        match self.reply(waiting_for).await? {
+            Message::Ack => Ok(()),
+            other => Err(MigrateError::Protocol(format!(
+                "expected Ack while waiting for {waiting_for}, got {other:?}"
+            ))),
+        }
+    }
+
     async fn peer_reason(&mut self, err: MigrateError) -> MigrateError {
         if !matches!(err, MigrateError::Wire(_)) {
             return err;
@@ -514,14 +525,7 @@ impl Source<'_> {
             // The target loads it and creates the container: wait, so that
             // its work does not overlap the freeze.
             // (It sends heartbeats while it loads.)
-            match self.reply("the target to load the image").await? {
-                Message::Ack => {}
-                other => {
-                    return Err(MigrateError::Protocol(format!(
-                        "expected Ack after the image, got {other:?}"
-                    )))
-                }
-            }
+            self.ack("the target to load the image").await?;
             Ok::<u64, MigrateError>(kept)
         }
         .await;
@@ -992,28 +996,16 @@ async fn commit(src: &mut Source<'_>, freeze: Instant) -> Result<()> {
         .send(&Message::Done)
         .await
         .map_err(|e| in_doubt(e.into()))?;
-    match src.reply("the target to run the container").await {
-        Ok(Message::Ack) => {}
-        Ok(other) => {
-            return Err(in_doubt(MigrateError::Protocol(format!(
-                "expected Ack, got {other:?}"
-            ))))
-        }
-        Err(e) => return Err(in_doubt(e)),
-    }
+    src.ack("the target to run the container")
+        .await
+        .map_err(in_doubt)?;
     src.stats.phase("running on the target", freeze);
     src.stats.downtime_ms = freeze.elapsed().as_secs_f64() * 1000.0;
     // Its memory may still be arriving from its page store: ours stays
     // (frozen) until it is all there.
-    match src.reply("the target's memory to be in place").await {
-        Ok(Message::Ack) => {}
-        Ok(other) => {
-            return Err(in_doubt(MigrateError::Protocol(format!(
-                "expected Ack, got {other:?}"
-            ))))
-        }
-        Err(e) => return Err(in_doubt(e)),
-    }
+    src.ack("the target's memory to be in place")
+        .await
+        .map_err(in_doubt)?;
     // SIGKILL while frozen: a frozen task dies on thaw without running a
     // single instruction of its own.
     let _ = kill_frozen(src.root, &id);
@@ -1248,15 +1240,8 @@ async fn run_source(
     }
     src.stats.phase("criu images sent", freeze);
     // The target restores, stopped, and acknowledges (the first phase).
-    match src.reply("the target's restore").await {
-        Ok(Message::Ack) => {}
-        Ok(other) => {
-            return Err((
-                MigrateError::Protocol(format!("expected Ack, got {other:?}")),
-                Some(thread),
-            ))
-        }
-        Err(e) => return Err((e, Some(thread))),
+    if let Err(e) = src.ack("the target's restore").await {
+        return Err((e, Some(thread)));
     }
     src.stats.phase("restored on the target", freeze);
     src.stats.downtime_ms = freeze.elapsed().as_secs_f64() * 1000.0;
