@@ -343,16 +343,7 @@ pub fn discard_target_copy(root: &StateRoot, r: &Record) {
     for dir in [&r.images, &r.scratch].into_iter().flatten() {
         let _ = std::fs::remove_dir_all(dir);
     }
-    if r.docker_host.is_none() {
-        if let Some(dir) = &r.dir {
-            remove_bundle(dir);
-        }
+    if r.docker_host.is_none() && r.dir.is_some() {
+        lifecycle::remove_migrated_bundle_dir(root, &r.container);
     }
-}
-
-/// Removes a migrated container's bundle (its overlay unmounted first).
-fn remove_bundle(dir: &Path) {
-    let merged = dir.join("bundle").join("rootfs");
-    let _ = nix::mount::umount2(&merged, nix::mount::MntFlags::MNT_DETACH);
-    let _ = std::fs::remove_dir_all(dir);
 }

@@ -350,11 +350,20 @@ pub const MIGRATED_BUNDLES: &str = ".bundles";
 /// Removes the bundle of a migrated container `id` (only one that
 /// `migrate-in` put in the state root: a user's bundle is never touched).
 fn remove_migrated_bundle(root: &StateRoot, id: &str, bundle: &Path) {
+    if bundle.starts_with(root.path().join(MIGRATED_BUNDLES).join(id)) {
+        remove_migrated_bundle_dir(root, id);
+    }
+}
+
+/// Removes `<root>/.bundles/<id>` (its overlay unmounted first), whether
+/// or not a container still names it: what a migration that never
+/// finished left there.
+pub fn remove_migrated_bundle_dir(root: &StateRoot, id: &str) {
     let dir = root.path().join(MIGRATED_BUNDLES).join(id);
-    if bundle.starts_with(&dir) {
-        let merged = dir.join("bundle").join("rootfs");
-        let _ = nix::mount::umount2(&merged, nix::mount::MntFlags::MNT_DETACH);
-        if let Err(e) = fs::remove_dir_all(&dir) {
+    let merged = dir.join("bundle").join("rootfs");
+    let _ = nix::mount::umount2(&merged, nix::mount::MntFlags::MNT_DETACH);
+    if let Err(e) = fs::remove_dir_all(&dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
             tracing::warn!("remove the bundle {} of {id}: {e}", dir.display());
         }
     }
