@@ -25,6 +25,7 @@
 pub mod dirty;
 pub mod docker;
 pub mod fault;
+pub mod handover;
 pub mod images;
 pub mod inbound;
 pub mod interrupt;

@@ -17,10 +17,9 @@ use migrun_runtime::checkpoint::{self, CheckpointOptions};
 use migrun_runtime::lifecycle::{self, container_pids, load_bundle_spec};
 use migrun_runtime::StateRoot;
 use migrun_wire::{MemoryTotals, Message, RoundStats, Sender, TreeId};
-use tokio::sync::mpsc;
 
 use crate::dirty::{self, DirtyTracker};
-use crate::fault::Then;
+use crate::handover::{SourceCopy, SourceLink, SourceMachine};
 use crate::interrupt::Interrupts;
 use crate::journal::{Journal, Record, Role, Step};
 use crate::liveness::with_heartbeats;
@@ -70,9 +69,8 @@ const FILE_CHUNK: usize = 4 << 20;
 struct Source<'a> {
     root: &'a StateRoot,
     opts: &'a OutOptions,
-    ch: Sender,
-    /// What the target says while we send (Ack, Error, Abort), read by a task.
-    replies: mpsc::UnboundedReceiver<migrun_wire::Result<Message>>,
+    /// The connection: sends, and the target's answers read by a task.
+    link: SourceLink,
     trackers: HashMap<i32, (Proc, Option<Box<dyn DirtyTracker>>)>,
     stats: MigrationStats,
     buf: Vec<u8>,
@@ -87,8 +85,8 @@ struct Source<'a> {
     throttle: crate::throttle::Throttle,
     /// Progress bar on a terminal: pages expected this round, pages sent so far.
     bar: Option<(u64, u64)>,
-    /// This side's journal of the hand-over, from `Start` on.
-    journal: Option<Journal>,
+    /// This side's phases, journaled, from `Start` on.
+    machine: Option<SourceMachine>,
 }
 
 /// Prints one progress line on stderr.
@@ -137,98 +135,6 @@ impl Source<'_> {
         }
     }
 
-    /// After a failure, the target's own account of it if it sent one
-    /// (a send fails with a broken pipe when the target gave up first).
-    /// Journals `step`, then fires an injected fault set for it.
-    async fn step(&mut self, step: Step) -> Result<()> {
-        if let Some(j) = self.journal.as_mut() {
-            j.set(step)?;
-        }
-        self.fire(step).await
-    }
-
-    /// Fires an injected fault set for `step` (already journaled).
-    async fn fire(&mut self, step: Step) -> Result<()> {
-        match crate::fault::at(self.opts.fault, step) {
-            Then::Go => Ok(()),
-            Then::Drop => {
-                let _ = self.ch.shutdown().await;
-                Err(MigrateError::Peer(format!(
-                    "injected fault: connection dropped at {}",
-                    step.name()
-                )))
-            }
-            Then::Stall => loop {
-                tokio::time::sleep(Duration::from_secs(3600)).await;
-            },
-        }
-    }
-
-    /// The target's next answer that is not a heartbeat, within the peer
-    /// time-out of silence.
-    async fn reply(&mut self, waiting_for: &str) -> Result<Message> {
-        loop {
-            let r = tokio::time::timeout(self.opts.peer_timeout, self.replies.recv()).await;
-            match r {
-                Ok(Some(Ok(Message::Heartbeat))) => continue,
-                Ok(Some(Ok(Message::Error { message }))) => {
-                    return Err(MigrateError::Peer(message))
-                }
-                Ok(Some(Ok(Message::Abort { reason }))) => return Err(MigrateError::Peer(reason)),
-                Ok(Some(Ok(m))) => return Ok(m),
-                Ok(Some(Err(e))) => {
-                    return Err(MigrateError::Peer(format!(
-                        "connection lost while waiting for {waiting_for}: {e}"
-                    )))
-                }
-                Ok(None) => {
-                    return Err(MigrateError::Peer(format!(
-                        "connection lost while waiting for {waiting_for}"
-                    )))
-                }
-                Err(_) => {
-                    return Err(MigrateError::Peer(format!(
-                        "no word from the target for {:?} while waiting for {waiting_for}",
-                        self.opts.peer_timeout
-                    )))
-                }
-            }
-        }
-    }
-
-    /// Waits for the target's `Ack` (see [`reply`](Self::reply)); any
-    /// other message is a protocol error.
-    async fn ack(&mut self, waiting_for: &str) -> Result<()> {
-        match self.reply(waiting_for).await? {
-            Message::Ack => Ok(()),
-            other => Err(MigrateError::Protocol(format!(
-                "expected Ack while waiting for {waiting_for}, got {other:?}"
-            ))),
-        }
-    }
-
-    async fn peer_reason(&mut self, err: MigrateError) -> MigrateError {
-        if !matches!(err, MigrateError::Wire(_)) {
-            return err;
-        }
-        let wait = tokio::time::timeout(Duration::from_secs(2), async {
-            while let Some(m) = self.replies.recv().await {
-                match m {
-                    Ok(Message::Error { message }) | Ok(Message::Abort { reason: message }) => {
-                        return Some(message)
-                    }
-                    Ok(_) => continue,
-                    Err(_) => return None,
-                }
-            }
-            None
-        });
-        match wait.await {
-            Ok(Some(message)) => MigrateError::Peer(message),
-            _ => err,
-        }
-    }
-
     /// The container's processes (thread-group leaders), with their container pids.
     fn processes(&self) -> Result<Vec<Proc>> {
         let container = self.root.load(&self.opts.id)?;
@@ -269,7 +175,7 @@ impl Source<'_> {
             self.advance_bar(n as u64);
             let mut buf = std::mem::take(&mut self.buf);
             if let Some(bytes) = reader.read(addr, n, &mut buf) {
-                let s = self.ch.send_pages(proc.ns, addr, bytes).await?;
+                let s = self.link.sender().send_pages(proc.ns, addr, bytes).await?;
                 self.record_sent(proc.host, addr, bytes);
                 data += s.data_pages as u64;
                 zero += s.zero_pages as u64;
@@ -278,7 +184,7 @@ impl Source<'_> {
                 for i in 0..n as u64 {
                     let a = addr + i * PAGE;
                     if let Some(bytes) = reader.read(a, 1, &mut buf) {
-                        let s = self.ch.send_pages(proc.ns, a, bytes).await?;
+                        let s = self.link.sender().send_pages(proc.ns, a, bytes).await?;
                         self.record_sent(proc.host, a, bytes);
                         data += s.data_pages as u64;
                         zero += s.zero_pages as u64;
@@ -390,6 +296,21 @@ impl Source<'_> {
         Ok((dirtied, data, zero))
     }
 
+    /// The phases and the connection they use.
+    fn phases(&mut self) -> Result<(&mut SourceMachine, &mut SourceLink)> {
+        let m = self
+            .machine
+            .as_mut()
+            .ok_or_else(|| MigrateError::Source("the migration has no journal".into()))?;
+        Ok((m, &mut self.link))
+    }
+
+    /// Fires a fault injected at `Precopy` (journaled at the start).
+    async fn precopy(&mut self) -> Result<()> {
+        let (m, link) = self.phases()?;
+        m.precopy(link).await
+    }
+
     /// Opens the synced tree at `self.rootfs` and snapshots it (the first
     /// round's snapshot, taken before `Start`).
     fn open_rootfs(&mut self) -> Result<u64> {
@@ -449,7 +370,7 @@ impl Source<'_> {
             let size = st.st_size.max(0) as u64;
             let read_err =
                 |e: std::io::Error| MigrateError::Source(format!("read {}: {e}", tree.show(&rel)));
-            self.ch
+            self.link
                 .send(&Message::FileBegin {
                     tree: id.clone(),
                     path: rel.clone(),
@@ -465,7 +386,7 @@ impl Source<'_> {
                     if n == 0 {
                         break; // shrunk meanwhile: the next round sees it
                     }
-                    self.ch
+                    self.link
                         .send(&Message::FileChunk {
                             path: rel.clone(),
                             offset: pos,
@@ -481,7 +402,7 @@ impl Source<'_> {
         let manifest = serde_json::to_vec(now).map_err(|e| MigrateError::Source(e.to_string()))?;
         let mut pieces = manifest.chunks(FILE_CHUNK).peekable();
         while let Some(piece) = pieces.next() {
-            self.ch
+            self.link
                 .send(&Message::Manifest {
                     tree: id.clone(),
                     data: migrun_wire::Bytes::copy_from_slice(piece),
@@ -525,7 +446,7 @@ impl Source<'_> {
             // The target loads it and creates the container: wait, so that
             // its work does not overlap the freeze.
             // (It sends heartbeats while it loads.)
-            self.ack("the target to load the image").await?;
+            self.link.ack("the target to load the image").await?;
             Ok::<u64, MigrateError>(kept)
         }
         .await;
@@ -536,30 +457,19 @@ impl Source<'_> {
         Ok(())
     }
 
-    /// Waits for the target's `LayersWanted`.
+    /// Waits for the target's `LayersWanted` (it may first have to ask its
+    /// image store or daemon what it has: a minute at most).
     async fn layers_wanted(&mut self) -> Result<Vec<String>> {
-        let reply = tokio::time::timeout(Duration::from_secs(60), async {
-            loop {
-                match self.replies.recv().await {
-                    Some(Ok(Message::Heartbeat)) => continue,
-                    other => return other,
-                }
-            }
-        })
-        .await;
-        match reply {
-            Ok(Some(Ok(Message::LayersWanted { digests }))) => Ok(digests),
-            Ok(Some(Ok(Message::Error { message }))) => Err(MigrateError::Peer(message)),
-            Ok(Some(Ok(other))) => Err(MigrateError::Protocol(format!(
+        let waiting_for = "the answer to the layer offer";
+        match self
+            .link
+            .reply_within(waiting_for, Duration::from_secs(60))
+            .await?
+        {
+            Message::LayersWanted { digests } => Ok(digests),
+            other => Err(MigrateError::Protocol(format!(
                 "expected LayersWanted, got {other:?}"
             ))),
-            Ok(Some(Err(e))) => Err(e.into()),
-            Ok(None) => Err(MigrateError::Peer(
-                "the target closed the connection".into(),
-            )),
-            Err(_) => Err(MigrateError::Peer(
-                "the target did not answer the layer offer in 60 s".into(),
-            )),
         }
     }
 
@@ -574,7 +484,7 @@ impl Source<'_> {
             if n == 0 {
                 break;
             }
-            self.ch
+            self.link
                 .send(&Message::ImageChunk {
                     offset,
                     data: migrun_wire::Bytes::copy_from_slice(&chunk[..n]),
@@ -582,7 +492,7 @@ impl Source<'_> {
                 .await?;
             offset += n as u64;
         }
-        self.ch.send(&Message::ImageDone { size: offset }).await?;
+        self.link.send(&Message::ImageDone { size: offset }).await?;
         Ok(offset)
     }
 
@@ -610,7 +520,7 @@ impl Source<'_> {
 
     /// Tells the target a pre-copy round is complete, with its figures.
     async fn round_done(&mut self, fig: &RoundFigures) -> Result<()> {
-        self.ch
+        self.link
             .send(&Message::RoundDone {
                 round: fig.round,
                 stats: RoundStats {
@@ -708,7 +618,13 @@ fn free_port() -> Result<u16> {
 pub async fn migrate_out(root: &StateRoot, opts: &OutOptions) -> Result<MigrationStats> {
     match &opts.docker_host {
         Some(host) => docker_out(host, opts).await,
-        None => migrate(root, opts, None).await,
+        None => {
+            let mut copy = PlainCopy {
+                root: root.clone(),
+                id: opts.id.clone(),
+            };
+            migrate(root, opts, None, &mut copy).await
+        }
     }
 }
 
@@ -765,11 +681,14 @@ async fn docker_out(host: &str, opts: &OutOptions) -> Result<MigrationStats> {
     };
     let mut o = opts.clone();
     o.id = id.clone();
-    let stats = migrate(&root, &o, Some(&ctx)).await?;
-    if let Err(e) = ctx.daemon.remove(&id).await {
-        eprintln!("migrate-out: the container runs on the target; removing it here failed: {e}");
-    }
-    Ok(stats)
+    let mut copy = DockerCopy {
+        runtime: PlainCopy {
+            root: root.clone(),
+            id,
+        },
+        daemon: docker::Daemon::connect(host)?,
+    };
+    migrate(&root, &o, Some(&ctx), &mut copy).await
 }
 
 /// One migration of container `opts.id` under `root`.
@@ -777,6 +696,7 @@ async fn migrate(
     root: &StateRoot,
     opts: &OutOptions,
     docker: Option<&DockerOut>,
+    copy: &mut impl SourceCopy,
 ) -> Result<MigrationStats> {
     let started = Instant::now();
     let container = root.load(&opts.id)?;
@@ -794,34 +714,22 @@ async fn migrate(
     checkpoint::criu_binary(&opts.criu)?.has_nftables_lock();
     let mut interrupts = Interrupts::listen()?;
     let key = migrun_wire::load_key(&opts.key)?;
-    let mut ch = migrun_wire::connect(opts.to.as_str(), &key).await?;
-    ch.set_send_timeout(Some(opts.peer_timeout));
+    let ch = migrun_wire::connect(opts.to.as_str(), &key).await?;
     if let Some(mbit) = opts.bandwidth_mbit {
         ch.bandwidth().set_mbit(Some(mbit));
     }
     let traffic = ch.traffic();
-    let (mut tx, mut rx) = ch.split();
-    // The target may report a failure at any time; read it while sending.
-    rx.set_recv_timeout(None);
-    let (reply_tx, replies) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        loop {
-            let m = rx.recv().await;
-            let end = m.is_err();
-            if reply_tx.send(m).is_err() || end {
-                break;
-            }
-        }
-    });
-    tx.send(&Message::Hello {
+    // The target may report a failure at any time: the link reads it
+    // while we send.
+    let mut link = SourceLink::new(ch, opts.peer_timeout);
+    link.send(&Message::Hello {
         agent: format!("migrun {}", env!("CARGO_PKG_VERSION")),
     })
     .await?;
     let mut src = Source {
         root,
         opts,
-        ch: tx,
-        replies,
+        link,
         trackers: HashMap::new(),
         stats: MigrationStats {
             container: opts.id.clone(),
@@ -838,7 +746,7 @@ async fn migrate(
         throttle: crate::throttle::Throttle::new(
             &container.spec().map(|c| c.cgroup_path).unwrap_or_default(),
         ),
-        journal: None,
+        machine: None,
     };
     // An overlay root filesystem: its lower layers are offered by digest,
     // its upper directory is what the rounds sync.
@@ -864,7 +772,7 @@ async fn migrate(
     let procs = src.processes()?;
     // The journal before anything touches the container (trackers,
     // throttle, freeze); an earlier migration of it in doubt refuses this one.
-    src.journal = Some(Journal::begin(
+    let journal = Journal::begin(
         root.path(),
         Record {
             role: Role::Source,
@@ -880,8 +788,8 @@ async fn migrate(
             docker_host: opts.docker_host.clone(),
             pid: std::process::id(),
         },
-    )?);
-    src.fire(Step::Precopy).await?;
+    )?;
+    src.machine = Some(SourceMachine::new(journal, opts.fault));
     let resident: u64 = procs
         .iter()
         .map(|p| {
@@ -890,35 +798,35 @@ async fn migrate(
                 .unwrap_or(0)
         })
         .sum();
-    src.ch
-        .send(&Message::Start {
-            container_id: opts.id.clone(),
-            spec_json: serde_json::json!({
-                "config": config,
-                "rootfs": { "data_bytes": rootfs_bytes },
-                "overlay": overlay.as_ref().map(|_| serde_json::json!({
-                    "layers": offered.iter().map(|(d, _)| d.clone()).collect::<Vec<_>>(),
-                    "data_bytes": layer_bytes,
-                })),
-                "docker": docker.map(|d| serde_json::json!({
-                    "inspect": d.inspect,
-                    "image": d.image,
-                    "diff_ids": d.diff_ids,
-                })),
-            })
-            .to_string(),
-            memory: MemoryTotals {
-                processes: procs.len() as u32,
-                mapped_bytes: resident * PAGE,
-                resident_pages: resident,
-            },
+    let start = Message::Start {
+        container_id: opts.id.clone(),
+        spec_json: serde_json::json!({
+            "config": config,
+            "rootfs": { "data_bytes": rootfs_bytes },
+            "overlay": overlay.as_ref().map(|_| serde_json::json!({
+                "layers": offered.iter().map(|(d, _)| d.clone()).collect::<Vec<_>>(),
+                "data_bytes": layer_bytes,
+            })),
+            "docker": docker.map(|d| serde_json::json!({
+                "inspect": d.inspect,
+                "image": d.image,
+                "diff_ids": d.diff_ids,
+            })),
         })
-        .await?;
+        .to_string(),
+        memory: MemoryTotals {
+            processes: procs.len() as u32,
+            mapped_bytes: resident * PAGE,
+            resident_pages: resident,
+        },
+    };
 
     src.start_bar(resident);
     // Up to the commit, any failure or signal rolls back.
     let result = {
         let work = async {
+            src.precopy().await.map_err(|e| (e, None))?;
+            src.link.send(&start).await.map_err(|e| (e, None))?;
             if overlay.is_some() {
                 src.send_wanted_layers(&offered)
                     .await
@@ -926,13 +834,17 @@ async fn migrate(
             } else if let Some(d) = docker {
                 src.send_docker_image(d).await.map_err(|e| (e, None))?;
             }
-            run_source(&mut src, &spec).await
+            run_source(&mut src, &spec, copy).await
         };
         tokio::select! {
             r = work => r,
             sig = interrupts.next() => Err((MigrateError::Interrupted(sig), None)),
         }
     };
+    let mut machine = src
+        .machine
+        .take()
+        .ok_or_else(|| MigrateError::Source("the migration has no journal".into()))?;
     match result {
         Ok((thread, _images, freeze)) => {
             // Signals from here on are noted by the listener and ignored:
@@ -940,7 +852,15 @@ async fn migrate(
             end_lazy_dump(thread);
             src.stats.phase("criu dump ended", freeze);
             src.throttle.release();
-            commit(&mut src, freeze).await?;
+            // The second phase: the decision journaled (`Committed`: from
+            // here on this copy never runs again), `Done` sent, and this
+            // copy let go once the target's runs with all of its memory. A
+            // cut in between leaves it frozen, in doubt, for
+            // `migrate-recover`.
+            machine.commit(&mut src.link, &opts.id).await?;
+            src.stats.phase("running on the target", freeze);
+            src.stats.downtime_ms = freeze.elapsed().as_secs_f64() * 1000.0;
+            machine.release(&mut src.link, copy, &opts.id).await?;
             src.stats.total_ms = started.elapsed().as_secs_f64() * 1000.0;
             src.stats.bytes_total = traffic.bytes_total();
             let _ = fs::remove_dir_all(opts.work_dir.join(&opts.id));
@@ -954,69 +874,68 @@ async fn migrate(
             }
             end_lazy_dump(thread);
             src.throttle.release();
-            let err = src.peer_reason(err).await;
             src.stop_trackers();
-            crate::netmove::release(root, &opts.id);
-            // Thaw the container exactly as it was.
-            if let Ok(c) = root.load(&opts.id) {
-                if c.status() == libcontainer::container::ContainerStatus::Paused {
-                    let _ = lifecycle::resume(root, &opts.id);
-                }
-            }
-            let _ = src
-                .ch
-                .send(&Message::Abort {
-                    reason: err.to_string(),
-                })
-                .await;
+            let err = machine.abort(&mut src.link, copy, err).await;
             let _ = fs::remove_dir_all(opts.work_dir.join(&opts.id));
-            if let Some(mut j) = src.journal.take() {
-                let _ = j.set(Step::Aborted);
-                j.remove();
-            }
             Err(err)
         }
     }
 }
 
-/// The second phase of the hand-over, once the target has acknowledged
-/// its stopped copy: the decision journaled (`Committed`: from here on
-/// this copy never runs again), `Done` sent, and this copy removed once
-/// the target's runs with all of its memory. A cut in between leaves
-/// this copy frozen, in doubt, for `migrate-recover`.
-async fn commit(src: &mut Source<'_>, freeze: Instant) -> Result<()> {
-    let id = src.opts.id.clone();
-    let in_doubt = |e: MigrateError| {
-        MigrateError::InDoubt(format!(
-            "{e}: container {id} stays frozen here until `migrun migrate-recover {id}` settles whether the target's copy runs"
-        ))
-    };
-    src.step(Step::Committed).await.map_err(in_doubt)?;
-    src.ch
-        .send(&Message::Done)
-        .await
-        .map_err(|e| in_doubt(e.into()))?;
-    src.ack("the target to run the container")
-        .await
-        .map_err(in_doubt)?;
-    src.stats.phase("running on the target", freeze);
-    src.stats.downtime_ms = freeze.elapsed().as_secs_f64() * 1000.0;
-    // Its memory may still be arriving from its page store: ours stays
-    // (frozen) until it is all there.
-    src.ack("the target's memory to be in place")
-        .await
-        .map_err(in_doubt)?;
-    // SIGKILL while frozen: a frozen task dies on thaw without running a
-    // single instruction of its own.
-    let _ = kill_frozen(src.root, &id);
-    if let Err(e) = lifecycle::delete(src.root, &id, true) {
-        tracing::error!("delete migrated container {id}: {e}");
+/// A migrun container's copy on the source.
+struct PlainCopy {
+    root: StateRoot,
+    id: String,
+}
+
+impl SourceCopy for PlainCopy {
+    async fn freeze(&mut self) -> Result<()> {
+        Ok(lifecycle::pause(&self.root, &self.id)?)
     }
-    src.step(Step::Released).await?;
-    if let Some(j) = src.journal.take() {
-        j.remove();
+
+    async fn undo(&mut self) {
+        crate::netmove::release(&self.root, &self.id);
+        // Thaw the container exactly as it was.
+        if let Ok(c) = self.root.load(&self.id) {
+            if c.status() == libcontainer::container::ContainerStatus::Paused {
+                let _ = lifecycle::resume(&self.root, &self.id);
+            }
+        }
     }
-    Ok(())
+
+    async fn release(&mut self) -> Result<()> {
+        // SIGKILL while frozen: a frozen task dies on thaw without running
+        // a single instruction of its own.
+        let _ = kill_frozen(&self.root, &self.id);
+        Ok(lifecycle::delete(&self.root, &self.id, true)?)
+    }
+}
+
+/// A Docker container's copy on the source: frozen and thawed through the
+/// migrun runtime under it, removed from its daemon once released.
+struct DockerCopy {
+    runtime: PlainCopy,
+    daemon: docker::Daemon,
+}
+
+impl SourceCopy for DockerCopy {
+    async fn freeze(&mut self) -> Result<()> {
+        self.runtime.freeze().await
+    }
+
+    async fn undo(&mut self) {
+        self.runtime.undo().await
+    }
+
+    async fn release(&mut self) -> Result<()> {
+        let killed = self.runtime.release().await;
+        self.daemon.remove(&self.runtime.id).await.map_err(|e| {
+            MigrateError::Docker(format!(
+                "the container runs on the target; removing it here failed: {e}"
+            ))
+        })?;
+        killed
+    }
 }
 
 /// Sends SIGKILL to every process of the (frozen) container `id`; false if
@@ -1043,8 +962,9 @@ type DumpThread = Option<std::thread::JoinHandle<()>>;
 async fn run_source(
     src: &mut Source<'_>,
     spec: &oci_spec::runtime::Spec,
+    copy: &mut impl SourceCopy,
 ) -> std::result::Result<(DumpThread, PathBuf, Instant), (MigrateError, DumpThread)> {
-    let traffic = src.ch.traffic();
+    let traffic = src.link.sender().traffic();
     let precopy = !src.opts.no_precopy;
     let mut round = 0u32;
     let mut bandwidth_bps = src
@@ -1120,7 +1040,8 @@ async fn run_source(
             if dirty_bps > 0.5 * bandwidth_bps || not_shrinking {
                 if let Some(share) = src.throttle.tighten() {
                     let limit = src.throttle.original().cloned();
-                    if let Some(j) = src.journal.as_mut() {
+                    if let Some(m) = src.machine.as_mut() {
+                        let j = m.journal_mut();
                         if j.record().cpu_limit.is_none() {
                             j.update(|r| r.cpu_limit = limit).map_err(|e| (e, None))?;
                         }
@@ -1147,16 +1068,11 @@ async fn run_source(
     src.throttle.release();
     let freeze = Instant::now();
     let at_freeze = traffic.bytes_total();
-    if let Some(j) = src.journal.as_mut() {
-        j.set(Step::Frozen).map_err(|e| (e, None))?;
+    {
+        let (m, link) = src.phases().map_err(|e| (e, None))?;
+        m.freeze(link, copy).await.map_err(|e| (e, None))?;
     }
-    lifecycle::pause(src.root, &src.opts.id).map_err(|e| (e.into(), None))?;
-    src.fire(Step::Frozen).await.map_err(|e| (e, None))?;
     src.stats.phase("frozen", freeze);
-    src.ch
-        .send(&Message::Frozen)
-        .await
-        .map_err(|e| (e.into(), None))?;
     let t = Instant::now();
     let b0 = traffic.bytes_sent();
     let (dirtied, data, zero) = if precopy {
@@ -1202,7 +1118,7 @@ async fn run_source(
     let dump_started = Instant::now();
     let (thread, ready) = start_lazy_dump(src, spec, &images).map_err(|e| (e, None))?;
     let (ready, beat) = with_heartbeats(
-        &mut src.ch,
+        src.link.sender(),
         src.opts.peer_timeout,
         tokio::task::spawn_blocking(move || wait_ready(ready)),
     )
@@ -1224,23 +1140,25 @@ async fn run_source(
     }
     src.stats.criu_dump_ms = dump_started.elapsed().as_secs_f64() * 1000.0;
     src.stats.phase("criu dump ready", freeze);
-    if let Err(e) = src.step(Step::Dumped).await {
-        return Err((e, Some(thread)));
+    let sent = async {
+        let (m, link) = src.phases()?;
+        m.dumped(link).await?;
+        send_images(link.sender(), &images).await
     }
-    let sent = send_images(&mut src.ch, &images).await;
+    .await;
     match sent {
         Ok(n) => src.stats.bytes_criu_images = n,
         Err(e) => return Err((e, Some(thread))),
     }
-    if let Err(e) = src.step(Step::Sent).await {
-        return Err((e, Some(thread)));
-    }
-    if let Err(e) = src.ch.send(&Message::Commit).await {
-        return Err((e.into(), Some(thread)));
-    }
     src.stats.phase("criu images sent", freeze);
-    // The target restores, stopped, and acknowledges (the first phase).
-    if let Err(e) = src.ack("the target's restore").await {
+    // `Commit`: the target restores, stopped, and acknowledges (the first
+    // phase).
+    let acknowledged = async {
+        let (m, link) = src.phases()?;
+        m.sent(link).await
+    }
+    .await;
+    if let Err(e) = acknowledged {
         return Err((e, Some(thread)));
     }
     src.stats.phase("restored on the target", freeze);

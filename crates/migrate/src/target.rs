@@ -14,7 +14,8 @@ use migrun_runtime::{lifecycle, StateRoot};
 use migrun_wire::{Channel, Message};
 
 use crate::docker::{self, Daemon};
-use crate::fault::{self, Fault, Then};
+use crate::fault::Fault;
+use crate::handover::{TargetCopy, TargetMachine};
 use crate::inbound::{out_of_phase, Phase, Trees};
 use crate::journal::{self, Journal, Record, Role, Step};
 use crate::layers::{self, LayerStore};
@@ -70,8 +71,8 @@ struct Incoming {
     dir: PathBuf,
     /// Scratch space (a Docker image on its way).
     scratch: PathBuf,
-    /// The journal, from `Start` on.
-    journal: Option<Journal>,
+    /// This side's phases, journaled, from `Start` on.
+    machine: Option<TargetMachine>,
     /// Docker mode: the file listing what a daemon that was down could not remove.
     pending: PathBuf,
     /// Set once the source may have been told that the copy here is ready.
@@ -196,27 +197,43 @@ async fn clean_docker_pending(opts: &InOptions) {
 }
 
 impl Incoming {
-    /// Journals `step`, then fires an injected fault set for it.
-    fn step(&mut self, step: Step, fault: Option<Fault>) -> Result<()> {
-        if let Some(j) = self.journal.as_mut() {
-            j.set(step)?;
-        }
-        match fault::at(fault, step) {
-            Then::Go => Ok(()),
-            Then::Drop | Then::Stall => Err(MigrateError::Source(format!(
-                "injected fault at {}",
-                step.name()
-            ))),
-        }
-    }
-
     /// Whether the source may have been told this side's copy is ready:
     /// from then on only the source's decision (or migrate-recover)
     /// removes it.
     fn acknowledged(&self) -> bool {
-        self.journal
-            .as_ref()
-            .is_some_and(|j| j.step() >= Step::Acknowledged && j.step() != Step::Aborted)
+        self.machine.as_ref().is_some_and(|m| m.acknowledged())
+    }
+
+    /// The phases, once `Start` has begun them.
+    fn machine(&mut self) -> Result<&mut TargetMachine> {
+        self.machine
+            .as_mut()
+            .ok_or_else(|| MigrateError::Protocol("commit before start".into()))
+    }
+
+    /// `Receiving -> Acknowledged -> Continued -> Running` of the restored,
+    /// stopped `copy` (see [`TargetMachine`]); the images and scratch space
+    /// go once it runs with all of its memory.
+    async fn hand_over<C: TargetCopy>(
+        &mut self,
+        opts: &InOptions,
+        ch: &mut Channel,
+        copy: &mut C,
+        take_lazy: impl FnOnce(&mut C) -> Option<LazyPages>,
+    ) -> Result<()> {
+        self.acked.store(true, Ordering::SeqCst);
+        let machine = self.machine()?;
+        let mut handed = machine.acknowledge(ch, copy).await;
+        if handed.is_ok() {
+            handed = machine.hand_over(ch, copy, opts.peer_timeout).await;
+        }
+        // What of the memory is still to come is this side's to end if
+        // the hand-over was cut (see in_doubt).
+        self.lazy = take_lazy(copy);
+        handed?;
+        let _ = fs::remove_dir_all(&self.images);
+        let _ = fs::remove_dir_all(&self.scratch);
+        Ok(())
     }
 
     /// The hand-over was cut after this side acknowledged: its copy stays
@@ -227,8 +244,8 @@ impl Incoming {
         let id = self.id.clone().unwrap_or_default();
         if let Some(mut lazy) = self.lazy.take() {
             lazy.abort();
-            if let Some(j) = self.journal.as_mut() {
-                let _ = j.update(|r| r.incomplete = true);
+            if let Some(m) = self.machine.as_mut() {
+                m.mark_incomplete();
             }
         }
         MigrateError::InDoubt(format!(
@@ -255,9 +272,8 @@ impl Incoming {
         }
         let _ = fs::remove_dir_all(&self.scratch);
         let _ = fs::remove_dir_all(&self.images);
-        if let Some(mut j) = self.journal.take() {
-            let _ = j.set(Step::Aborted);
-            j.remove();
+        if let Some(mut m) = self.machine.take() {
+            m.abort();
         }
     }
 }
@@ -416,7 +432,7 @@ async fn receive(
     let mut inc = Incoming {
         dir: PathBuf::new(),
         scratch: opts.work_dir.join(&name),
-        journal: None,
+        machine: None,
         pending: docker_pending(opts),
         acked: acked.clone(),
         restoring: restoring.clone(),
@@ -600,7 +616,7 @@ async fn on_start(
     // The journal first: it is what names everything made from here on
     // (and refuses a container whose earlier migration is in doubt here).
     let dir = bundle_dir(root, &container_id);
-    inc.journal = Some(Journal::begin(
+    let journal = Journal::begin(
         root.path(),
         Record {
             role: Role::Target,
@@ -620,9 +636,9 @@ async fn on_start(
             docker_host: opts.docker_host.clone(),
             pid: std::process::id(),
         },
-    )?);
+    )?;
     inc.id = Some(container_id.clone());
-    inc.step(Step::Receiving, opts.fault)?;
+    inc.machine = Some(TargetMachine::new(journal, opts.fault)?);
     // Left by a migration of this id that failed before its journal:
     // no container owns it (checked above).
     if opts.docker_host.is_none() && dir.exists() {
@@ -981,81 +997,83 @@ async fn commit(
             ""
         }
     );
-    acknowledge(opts, ch, inc).await?;
     if let Some(merged) = inc.overlay.take() {
-        // The container's mount namespace holds the overlay now;
-        // it goes away with the container (an unmount costs
-        // milliseconds: not in the downtime).
+        // The container's mount namespace holds the overlay now; it goes
+        // away with the container (an unmount costs milliseconds: not in
+        // the downtime). The bundle stays: it is the container's.
         let _ = nix::mount::umount2(&merged, nix::mount::MntFlags::MNT_DETACH);
     }
-    // The source commits, then says Done: only then does ours run.
-    // Without Done this copy is in doubt and stays stopped.
-    expect_done(ch).await?;
-    inc.step(Step::Continued, opts.fault)?;
-    checkpoint::continue_container(root, &id)?;
-    ch.send(&Message::Ack).await?;
-    // The images are no longer needed; the bundle stays: it is the container's.
-    if let Some(lazy) = inc.lazy.take() {
-        let filled = memory_in_place(ch, opts.peer_timeout, &id, lazy).await;
-        if let Err(e) = filled {
-            // What of the memory was still to come is gone: this copy
-            // must not win (the source keeps its frozen one until Running).
-            if let Some(j) = inc.journal.as_mut() {
-                let _ = j.update(|r| r.incomplete = true);
-            }
-            return Err(e);
-        }
-    }
-    let _ = fs::remove_dir_all(image_dir);
-    finish(opts, ch, inc).await?;
+    let mut copy = PlainTarget {
+        root: root.clone(),
+        id: id.clone(),
+        lazy: inc.lazy.take(),
+    };
+    inc.hand_over(opts, ch, &mut copy, |c| c.lazy.take())
+        .await?;
     Ok(id)
 }
 
-/// The copy here is restored and stopped: journaled as acknowledged (from
-/// now on only the source's decision removes it), then the source is told.
-async fn acknowledge(opts: &InOptions, ch: &mut Channel, inc: &mut Incoming) -> Result<()> {
-    let lazy = inc.lazy.is_some();
-    if let Some(j) = inc.journal.as_mut() {
-        j.update(|r| r.lazy = lazy)?;
-    }
-    inc.acked.store(true, Ordering::SeqCst);
-    inc.step(Step::Acknowledged, opts.fault)?;
-    ch.send(&Message::Ack).await?;
-    Ok(())
+/// A migrun container restored (stopped) under this side's state root.
+struct PlainTarget {
+    root: StateRoot,
+    id: String,
+    /// The lazy-pages daemon filling its memory, if it was restored without.
+    lazy: Option<LazyPages>,
 }
 
-/// The copy here runs with all of its memory: journaled, the source told
-/// (it lets its frozen copy go then), and the journal settled.
-async fn finish(opts: &InOptions, ch: &mut Channel, inc: &mut Incoming) -> Result<()> {
-    inc.step(Step::Running, opts.fault)?;
-    // The source may be gone by now: this side is done either way.
-    let _ = ch.send(&Message::Ack).await;
-    if let Some(j) = inc.journal.take() {
-        j.remove();
+impl TargetCopy for PlainTarget {
+    async fn resume(&mut self) -> Result<()> {
+        Ok(checkpoint::continue_container(&self.root, &self.id)?)
     }
-    let _ = fs::remove_dir_all(&inc.scratch);
-    Ok(())
-}
 
-/// Waits for the source's `Done` (its commit) after our first `Ack`.
-async fn expect_done(ch: &mut Channel) -> Result<()> {
-    loop {
-        match ch.recv().await {
-            Ok(Message::Heartbeat) => continue,
-            Ok(Message::Done) => return Ok(()),
-            Ok(Message::Abort { reason }) => return Err(MigrateError::Aborted(reason)),
-            Ok(other) => {
-                return Err(MigrateError::Protocol(format!(
-                    "{} message while waiting for done",
-                    other.kind()
-                )))
-            }
-            Err(e) => {
-                return Err(MigrateError::Source(format!(
-                    "source gone before it committed: {e}"
-                )))
-            }
+    async fn memory_in_place(&mut self) -> Result<()> {
+        match self.lazy.take() {
+            Some(lazy) => memory_in_place(&self.id, lazy).await,
+            None => Ok(()),
         }
+    }
+
+    fn lazy(&self) -> bool {
+        self.lazy.is_some()
+    }
+}
+
+/// A Docker container started (stopped) from a checkpoint by this side's
+/// daemon.
+struct DockerTarget<'a> {
+    dock: &'a mut DockerIn,
+    /// Its id in the daemon.
+    cid: String,
+    /// Its name.
+    name: String,
+    /// The checkpoint directory it was started from.
+    checkpoint: PathBuf,
+    /// The lazy-pages daemon filling its memory, if it was restored without.
+    lazy: Option<LazyPages>,
+}
+
+impl TargetCopy for DockerTarget<'_> {
+    async fn resume(&mut self) -> Result<()> {
+        let running = self.dock.daemon.container(&self.cid).await?;
+        let pid = running["State"]["Pid"].as_i64().unwrap_or(0);
+        let runtime = StateRoot::open(&docker::runtime_root(pid)?, false)?;
+        checkpoint::continue_container(&runtime, &self.cid)?;
+        let _ = fs::remove_dir_all(&self.checkpoint);
+        // It runs: it is Docker's now, nothing to undo.
+        self.dock.container = None;
+        self.dock.loaded_image = false;
+        Ok(())
+    }
+
+    async fn memory_in_place(&mut self) -> Result<()> {
+        match self.lazy.take() {
+            Some(lazy) => memory_in_place(&self.name, lazy).await,
+            None => Ok(()),
+        }
+    }
+
+    fn lazy(&self) -> bool {
+        self.lazy.is_some()
     }
 }
 
@@ -1242,50 +1260,27 @@ async fn docker_commit(
             ""
         }
     );
-    acknowledge(opts, ch, inc).await?;
-    expect_done(ch).await?;
-    inc.step(Step::Continued, opts.fault)?;
-    let dock = inc
-        .docker
-        .as_mut()
-        .ok_or_else(|| MigrateError::Target("not a Docker migration".into()))?;
-    let running = dock.daemon.container(&cid).await?;
-    let pid = running["State"]["Pid"].as_i64().unwrap_or(0);
-    let runtime = StateRoot::open(&docker::runtime_root(pid)?, false)?;
-    checkpoint::continue_container(&runtime, &cid)?;
-    ch.send(&Message::Ack).await?;
-    let _ = fs::remove_dir_all(&dir);
-    // It is Docker's now: nothing to undo.
-    dock.container = None;
-    dock.loaded_image = false;
-    if let Some(lazy) = inc.lazy.take() {
-        if let Err(e) = memory_in_place(ch, opts.peer_timeout, &name, lazy).await {
-            if let Some(j) = inc.journal.as_mut() {
-                let _ = j.update(|r| r.incomplete = true);
-            }
-            return Err(e);
-        }
-    }
-    let _ = fs::remove_dir_all(image_dir);
-    finish(opts, ch, inc).await?;
+    let Some(mut dock) = inc.docker.take() else {
+        return Err(MigrateError::Target("not a Docker migration".into()));
+    };
+    let mut copy = DockerTarget {
+        dock: &mut dock,
+        cid,
+        name: name.clone(),
+        checkpoint: dir,
+        lazy: inc.lazy.take(),
+    };
+    let handed = inc.hand_over(opts, ch, &mut copy, |c| c.lazy.take()).await;
+    // Until it runs, a failure removes what was made in the daemon.
+    inc.docker = Some(dock);
+    handed?;
     Ok(name)
 }
 
 /// Waits until the lazy-pages daemon has put all of the memory of the
 /// running container `id` in place. Nothing may end this process before.
-async fn memory_in_place(
-    ch: &mut Channel,
-    peer_timeout: Duration,
-    id: &str,
-    lazy: LazyPages,
-) -> Result<()> {
-    let (filled, _) = crate::liveness::with_heartbeats(
-        ch.sender(),
-        peer_timeout,
-        tokio::task::spawn_blocking(move || lazy.finish()),
-    )
-    .await;
-    match filled {
+async fn memory_in_place(id: &str, lazy: LazyPages) -> Result<()> {
+    match tokio::task::spawn_blocking(move || lazy.finish()).await {
         Ok(Ok((pages, took))) => {
             eprintln!(
                 "migrate-in: memory of {id} in place: {pages} pages in {:.0} ms after the restore",
