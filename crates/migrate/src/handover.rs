@@ -545,20 +545,11 @@ mod tests {
         }
     }
 
+    /// A record of container [`ID`] written by this process.
     fn record(role: Role, step: Step) -> Record {
         Record {
-            role,
-            container: ID.into(),
-            step,
-            peer: "memory".into(),
-            dir: None,
-            images: None,
-            lazy: false,
-            incomplete: false,
-            scratch: None,
-            cpu_limit: None,
-            docker_host: None,
             pid: std::process::id(),
+            ..journal::tests::record(role, step)
         }
     }
 

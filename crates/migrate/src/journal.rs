@@ -344,10 +344,11 @@ pub fn decide(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn record(role: Role, step: Step) -> Record {
+    /// A record of container `c1` for tests.
+    pub(crate) fn record(role: Role, step: Step) -> Record {
         Record {
             role,
             container: "c1".into(),
