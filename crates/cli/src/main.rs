@@ -4,6 +4,7 @@
 mod cli;
 mod commands;
 mod logging;
+mod render;
 
 use std::collections::HashSet;
 use std::ffi::OsString;

@@ -5,6 +5,7 @@
 
 use std::str::FromStr;
 
+use crate::events::{Event, Events};
 use crate::journal::Step;
 use crate::{MigrateError, Result};
 
@@ -61,12 +62,12 @@ pub enum Then {
     Stall,
 }
 
-/// Fires `fault` if it is set for `step`: crashes the process here, or
-/// tells the caller to drop or stall.
-pub fn at(fault: Option<Fault>, step: Step) -> Then {
+/// Fires `fault` if it is set for `step` (and says so to `events` first):
+/// crashes the process here, or tells the caller to drop or stall.
+pub fn at(fault: Option<Fault>, step: Step, events: &Events) -> Then {
     match fault {
         Some(f) if f.step == step => {
-            eprintln!("migrun: injected fault: {:?} at {}", f.action, step.name());
+            events.emit(Event::FaultInjected { fault: f });
             match f.action {
                 Action::Crash => {
                     let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
@@ -98,7 +99,7 @@ mod tests {
             let e = bad.parse::<Fault>().expect_err(bad);
             assert!(e.to_string().contains("bad fault"), "{e}");
         }
-        assert_eq!(at(Some(f), Step::Sent), Then::Go);
-        assert_eq!(at(Some(f), Step::Committed), Then::Drop);
+        assert_eq!(at(Some(f), Step::Sent, &Events::none()), Then::Go);
+        assert_eq!(at(Some(f), Step::Committed, &Events::none()), Then::Drop);
     }
 }

@@ -33,6 +33,7 @@ use std::time::Duration;
 use migrun_wire::{Channel, Message, Sender};
 use tokio::sync::mpsc;
 
+use crate::events::{Events, Origin};
 use crate::fault::{self, Fault, Then};
 use crate::journal::{Journal, Step};
 use crate::liveness::with_heartbeats;
@@ -214,8 +215,8 @@ fn enter(journal: &mut Journal, to: Step) -> Result<()> {
 }
 
 /// Drops the connection or stalls for good if a fault is injected at `step`.
-async fn fire(fault: Option<Fault>, step: Step, tx: &mut Sender) -> Result<()> {
-    match fault::at(fault, step) {
+async fn fire(fault: Option<Fault>, step: Step, tx: &mut Sender, events: &Events) -> Result<()> {
+    match fault::at(fault, step, events) {
         Then::Go => Ok(()),
         Then::Drop => {
             let _ = tx.shutdown().await;
@@ -235,12 +236,18 @@ async fn fire(fault: Option<Fault>, step: Step, tx: &mut Sender) -> Result<()> {
 pub struct SourceMachine {
     journal: Journal,
     fault: Option<Fault>,
+    events: Events,
 }
 
 impl SourceMachine {
-    /// The machine over `journal` (at `Precopy`), with a fault to inject.
-    pub fn new(journal: Journal, fault: Option<Fault>) -> Self {
-        Self { journal, fault }
+    /// The machine over `journal` (at `Precopy`), with a fault to inject,
+    /// saying what it notices to `events`.
+    pub fn new(journal: Journal, fault: Option<Fault>, events: Events) -> Self {
+        Self {
+            journal,
+            fault,
+            events,
+        }
     }
 
     /// Where the migration stands.
@@ -255,7 +262,7 @@ impl SourceMachine {
 
     /// Fires a fault injected at `Precopy` (the journal already says so).
     pub async fn precopy(&mut self, link: &mut SourceLink) -> Result<()> {
-        fire(self.fault, Step::Precopy, &mut link.tx).await
+        fire(self.fault, Step::Precopy, &mut link.tx, &self.events).await
     }
 
     /// `Precopy -> Frozen`: the copy freezes, the target is told.
@@ -266,14 +273,14 @@ impl SourceMachine {
     ) -> Result<()> {
         enter(&mut self.journal, Step::Frozen)?;
         copy.freeze().await?;
-        fire(self.fault, Step::Frozen, &mut link.tx).await?;
+        fire(self.fault, Step::Frozen, &mut link.tx, &self.events).await?;
         link.send(&Message::Frozen).await
     }
 
     /// `Frozen -> Dumped`: CRIU's images of the frozen copy are ready.
     pub async fn dumped(&mut self, link: &mut SourceLink) -> Result<()> {
         enter(&mut self.journal, Step::Dumped)?;
-        fire(self.fault, Step::Dumped, &mut link.tx).await
+        fire(self.fault, Step::Dumped, &mut link.tx, &self.events).await
     }
 
     /// `Dumped -> Sent`: everything has crossed; `Commit` asks the target
@@ -281,7 +288,7 @@ impl SourceMachine {
     /// (the first phase of the commit).
     pub async fn sent(&mut self, link: &mut SourceLink) -> Result<()> {
         enter(&mut self.journal, Step::Sent)?;
-        fire(self.fault, Step::Sent, &mut link.tx).await?;
+        fire(self.fault, Step::Sent, &mut link.tx, &self.events).await?;
         link.send(&Message::Commit).await?;
         link.ack("the target's restore").await
     }
@@ -293,7 +300,7 @@ impl SourceMachine {
     pub async fn commit(&mut self, link: &mut SourceLink, id: &str) -> Result<()> {
         let in_doubt = in_doubt(id);
         enter(&mut self.journal, Step::Committed).map_err(&in_doubt)?;
-        fire(self.fault, Step::Committed, &mut link.tx)
+        fire(self.fault, Step::Committed, &mut link.tx, &self.events)
             .await
             .map_err(&in_doubt)?;
         link.send(&Message::Done).await.map_err(&in_doubt)?;
@@ -316,10 +323,13 @@ impl SourceMachine {
             .await
             .map_err(in_doubt(id))?;
         if let Err(e) = copy.release().await {
-            tracing::error!("release the migrated container {id}: {e}");
+            self.events.warn(
+                Origin::MigrateOut,
+                format!("the container {id} runs on the target; removing it here failed: {e}"),
+            );
         }
         enter(&mut self.journal, Step::Released)?;
-        fire(self.fault, Step::Released, &mut link.tx).await?;
+        fire(self.fault, Step::Released, &mut link.tx, &self.events).await?;
         self.journal.clone().remove();
         Ok(())
     }
@@ -367,13 +377,18 @@ fn in_doubt(id: &str) -> impl Fn(MigrateError) -> MigrateError + '_ {
 pub struct TargetMachine {
     journal: Journal,
     fault: Option<Fault>,
+    events: Events,
 }
 
 impl TargetMachine {
     /// The machine over `journal` (at `Receiving`), with a fault to inject;
     /// fires a fault injected at `Receiving`.
-    pub fn new(journal: Journal, fault: Option<Fault>) -> Result<Self> {
-        let machine = Self { journal, fault };
+    pub fn new(journal: Journal, fault: Option<Fault>, events: Events) -> Result<Self> {
+        let machine = Self {
+            journal,
+            fault,
+            events,
+        };
         machine.fire_here(Step::Receiving)?;
         Ok(machine)
     }
@@ -398,7 +413,7 @@ impl TargetMachine {
     /// The target's faults (no heartbeat to stop: a drop or stall is a
     /// failure of this side, which the caller handles as one).
     fn fire_here(&self, step: Step) -> Result<()> {
-        match fault::at(self.fault, step) {
+        match fault::at(self.fault, step, &self.events) {
             Then::Go => Ok(()),
             Then::Drop | Then::Stall => Err(MigrateError::Target(format!(
                 "injected fault at {}",
@@ -573,7 +588,7 @@ mod tests {
 
     async fn target_side(mut ch: Channel, root: PathBuf, log: Log, how: Target) -> Result<()> {
         let journal = Journal::begin(&root, record(Role::Target, Step::Receiving))?;
-        let mut m = TargetMachine::new(journal, None)?;
+        let mut m = TargetMachine::new(journal, None, Events::none())?;
         loop {
             match ch.recv().await {
                 Ok(Message::Commit) => break,
@@ -606,7 +621,7 @@ mod tests {
 
     async fn source_side(ch: Channel, root: PathBuf, log: Log, fault: Option<Fault>) -> Result<()> {
         let journal = Journal::begin(&root, record(Role::Source, Step::Precopy))?;
-        let mut m = SourceMachine::new(journal, fault);
+        let mut m = SourceMachine::new(journal, fault, Events::none());
         let mut link = SourceLink::new(ch, TIMEOUT);
         let mut copy = FakeSource(log);
         let before_commit = async {
@@ -754,7 +769,7 @@ mod tests {
     async fn phases_only_move_forward() {
         let root = tempfile::tempdir().expect("tmp");
         let journal = Journal::begin(root.path(), record(Role::Source, Step::Precopy)).expect("j");
-        let mut m = SourceMachine::new(journal, None);
+        let mut m = SourceMachine::new(journal, None, Events::none());
         let key = migrun_wire::Key::generate().expect("key");
         let (a, _b) = migrun_wire::pair(&key).await.expect("pair");
         let mut link = SourceLink::new(a, TIMEOUT);

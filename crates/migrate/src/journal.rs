@@ -279,9 +279,9 @@ pub fn writer_alive(pid: u32) -> bool {
     pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists()
 }
 
-/// Every journal under `state_root` (unreadable ones are reported on
-/// stderr and skipped).
-pub fn all(state_root: &Path) -> Vec<Journal> {
+/// Every journal under `state_root` (unreadable ones are reported to
+/// `events` and skipped).
+pub fn all(state_root: &Path, events: &crate::events::Events) -> Vec<Journal> {
     let dir = state_root.join(DIR);
     let Ok(entries) = fs::read_dir(&dir) else {
         return Vec::new();
@@ -295,7 +295,10 @@ pub fn all(state_root: &Path) -> Vec<Journal> {
         match read(&path) {
             Ok(Some(record)) => out.push(Journal { path, record }),
             Ok(None) => {}
-            Err(e) => eprintln!("migrun: skipping journal: {e}"),
+            Err(e) => events.warn(
+                crate::events::Origin::Migrun,
+                format!("skipping journal: {e}"),
+            ),
         }
     }
     out
@@ -384,7 +387,7 @@ pub(crate) mod tests {
         Journal::begin(dir.path(), record(Role::Target, Step::Receiving)).expect("target");
         j.set(Step::Released).expect("set");
         Journal::begin(dir.path(), record(Role::Source, Step::Precopy)).expect("settled");
-        assert_eq!(all(dir.path()).len(), 2);
+        assert_eq!(all(dir.path(), &crate::events::Events::none()).len(), 2);
     }
 
     #[test]

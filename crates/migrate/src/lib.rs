@@ -20,10 +20,13 @@
 //!   `migrun-wire`, with rollback on any failure before the commit;
 //! - [`journal`] and [`recover`]: the hand-over as a two-phase commit,
 //!   journaled on both sides, and the settling of one cut in between;
-//! - [`stats`]: the figures of a migration.
+//! - [`stats`]: the figures of a migration;
+//! - [`events`]: what a migration says to its operator, as typed events
+//!   handed to the caller (the engine prints nothing).
 
 pub mod dirty;
 pub mod docker;
+pub mod events;
 pub mod fault;
 pub mod handover;
 pub mod images;

@@ -58,12 +58,13 @@ pub struct Moved {
 /// Attaches the outside ends of restored container `id`'s veths to
 /// `bridge` (in this process's network namespace), brings them up and
 /// announces the container's IPv4 addresses with gratuitous ARP. Without a
-/// bridge it only says which outside ends were left unattached.
+/// bridge it only says (to `events`) which outside ends were left unattached.
 pub fn after_restore(
     root: &StateRoot,
     id: &str,
     bridge: Option<&str>,
     hold: QuiesceInImages,
+    events: &crate::events::Events,
 ) -> Result<Moved> {
     let container = root.load(id)?;
     let pid = container
@@ -84,9 +85,11 @@ pub fn after_restore(
     }
     let Some(bridge) = bridge else {
         for (inside, outside) in &ours {
-            eprintln!(
-                "migrate-in: {id}: outside end {outside} of {inside} left unattached (no --bridge)"
-            );
+            events.emit(crate::events::Event::VethUnattached {
+                container: id.to_string(),
+                inside: inside.clone(),
+                outside: outside.clone(),
+            });
         }
         return Ok(moved);
     };

@@ -15,6 +15,7 @@ use std::time::Duration;
 use migrun_runtime::{checkpoint, lifecycle, StateRoot};
 use migrun_wire::{Channel, Message};
 
+use crate::events::{Event, Events, Origin};
 use crate::journal::{self, Journal, Record, Role, Step, Winner};
 use crate::{MigrateError, Result};
 
@@ -33,6 +34,8 @@ pub struct RecoverOptions {
     pub winner: Option<Winner>,
     /// How long to wait for the peer.
     pub peer_timeout: Duration,
+    /// Where notices of what is done go.
+    pub events: Events,
 }
 
 /// What the peer said of its side.
@@ -70,7 +73,13 @@ fn recover_message(id: &str, j: Option<&Journal>) -> Message {
 
 /// The target's answer to a source's `migrate-recover` that reached its
 /// `migrate-in`: says where its side stands, then settles it the same way.
-pub async fn answer(root: &StateRoot, ch: &mut Channel, id: &str, peer: Peer) -> Result<()> {
+pub async fn answer(
+    root: &StateRoot,
+    ch: &mut Channel,
+    id: &str,
+    peer: Peer,
+    events: &Events,
+) -> Result<()> {
     let mine = Journal::open(root.path(), Role::Target, id)?;
     ch.send(&recover_message(id, mine.as_ref())).await?;
     let Some(j) = mine else {
@@ -78,7 +87,7 @@ pub async fn answer(root: &StateRoot, ch: &mut Channel, id: &str, peer: Peer) ->
     };
     let whole = j.target_copy_whole() && peer.whole;
     if let Some(w) = journal::decide(peer.step, Some(j.step()), whole) {
-        settle(root, j, w)?;
+        settle(root, j, w, events)?;
     }
     Ok(())
 }
@@ -119,7 +128,9 @@ pub async fn recover(root: &StateRoot, opts: &RecoverOptions) -> Result<String> 
     if asks && journals.len() == 1 {
         match exchange(opts, journals.first()).await {
             Ok(p) => peer = p,
-            Err(e) => eprintln!("migrate-recover: could not ask the peer: {e}"),
+            Err(e) => opts.events.emit(Event::PeerUnreachable {
+                error: e.to_string(),
+            }),
         }
     }
     let mut done = Vec::new();
@@ -149,7 +160,7 @@ pub async fn recover(root: &StateRoot, opts: &RecoverOptions) -> Result<String> 
                     j.step().name()
                 ))
             })?;
-        done.push(settle(root, j, winner)?);
+        done.push(settle(root, j, winner, &opts.events)?);
     }
     Ok(done.join("; "))
 }
@@ -194,7 +205,9 @@ async fn exchange(opts: &RecoverOptions, j: Option<&Journal>) -> Result<Option<P
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| MigrateError::Source(format!("listen on {addr}: {e}")))?;
-        eprintln!("migrate-recover: waiting for the peer on {addr}");
+        opts.events.emit(Event::WaitingForPeer {
+            addr: addr.to_string(),
+        });
         migrun_wire::accept(&listener, &key).await?
     };
     ch.set_timeouts(Some(opts.peer_timeout));
@@ -227,11 +240,11 @@ async fn exchange(opts: &RecoverOptions, j: Option<&Journal>) -> Result<Option<P
 }
 
 /// Applies `winner` to this side of the migration and settles its journal.
-fn settle(root: &StateRoot, mut j: Journal, winner: Winner) -> Result<String> {
+fn settle(root: &StateRoot, mut j: Journal, winner: Winner, events: &Events) -> Result<String> {
     let r = j.record().clone();
     let what = match (r.role, winner) {
         (Role::Source, Winner::Source) => {
-            take_back(root, &r);
+            take_back(root, &r, events);
             j.set(Step::Aborted)?;
             format!("{} runs on here again (the source)", r.container)
         }
@@ -247,7 +260,7 @@ fn settle(root: &StateRoot, mut j: Journal, winner: Winner) -> Result<String> {
             )
         }
         (Role::Target, Winner::Source) => {
-            discard_target_copy(root, &r);
+            discard_target_copy(root, &r, events);
             j.set(Step::Aborted)?;
             format!(
                 "{} stays with the source; the copy here is removed",
@@ -266,15 +279,15 @@ fn settle(root: &StateRoot, mut j: Journal, winner: Winner) -> Result<String> {
             format!("{} runs here (the target)", r.container)
         }
     };
-    eprintln!("migrate-recover: {what}");
+    events.emit(Event::Settled { what: what.clone() });
     j.remove();
     Ok(what)
 }
 
 /// The source takes its container back: thawed, its connections let in,
 /// CRIU's network lock gone, its CPU limit back.
-pub fn take_back(root: &StateRoot, r: &Record) {
-    end_orphan_dump(root, &r.container);
+pub fn take_back(root: &StateRoot, r: &Record, events: &Events) {
+    end_orphan_dump(root, &r.container, events);
     crate::netmove::release(root, &r.container);
     if let Ok(c) = root.load(&r.container) {
         if let (Some(limit), Some(cfg)) = (&r.cpu_limit, c.spec().ok()) {
@@ -290,7 +303,7 @@ pub fn take_back(root: &StateRoot, r: &Record) {
 /// container (`criu: dump --rpc -t <its init pid>`, reparented to init,
 /// still serving lazy pages or holding the tasks): its tasks stay frozen
 /// by the freezer, as when a live migrate-out ends its dump.
-fn end_orphan_dump(root: &StateRoot, id: &str) {
+fn end_orphan_dump(root: &StateRoot, id: &str, events: &Events) {
     let Some(init) = root.load(id).ok().and_then(|c| c.pid()) else {
         return;
     };
@@ -317,7 +330,7 @@ fn end_orphan_dump(root: &StateRoot, id: &str) {
         if !(is_dump && of_it) {
             continue;
         }
-        eprintln!("migrate-recover: ending the CRIU dump ({pid}) left by the dead migrate-out");
+        events.emit(Event::OrphanDumpEnded { pid });
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid),
             nix::sys::signal::Signal::SIGKILL,
@@ -332,10 +345,13 @@ fn end_orphan_dump(root: &StateRoot, id: &str) {
 }
 
 /// Removes the target's copy of a migration and everything made for it.
-pub fn discard_target_copy(root: &StateRoot, r: &Record) {
+pub fn discard_target_copy(root: &StateRoot, r: &Record, events: &Events) {
     if r.docker_host.is_none() && root.exists(&r.container) {
         if let Err(e) = lifecycle::delete(root, &r.container, true) {
-            eprintln!("migrun: remove container {}: {e}", r.container);
+            events.warn(
+                Origin::Migrun,
+                format!("remove container {}: {e}", r.container),
+            );
         }
     }
     let criu_root = root.container_dir(&r.container).join("criu-root");

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::{IsTerminal, Read};
+use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -19,6 +19,7 @@ use migrun_runtime::StateRoot;
 use migrun_wire::{MemoryTotals, Message, RoundStats, Sender, TreeId};
 
 use crate::dirty::{self, DirtyTracker};
+use crate::events::{Event, Events};
 use crate::handover::{SourceCopy, SourceLink, SourceMachine};
 use crate::interrupt::Interrupts;
 use crate::journal::{Journal, Record, Role, Step};
@@ -58,6 +59,8 @@ pub struct OutOptions {
     pub peer_timeout: Duration,
     /// Tests only: a fault to inject at a step (`--inject-fault`).
     pub fault: Option<crate::fault::Fault>,
+    /// Where the migration's progress and notices go.
+    pub events: Events,
 }
 
 /// Pages per message.
@@ -83,55 +86,34 @@ struct Source<'a> {
     snapshot: Snapshot,
     first: Option<Snapshot>,
     throttle: crate::throttle::Throttle,
-    /// Progress bar on a terminal: pages expected this round, pages sent so far.
+    /// This round's progress: pages expected, pages sent so far.
     bar: Option<(u64, u64)>,
     /// This side's phases, journaled, from `Start` on.
     machine: Option<SourceMachine>,
 }
 
-/// Prints one progress line on stderr.
-fn progress(r: &RoundFigures, estimate_ms: f64) {
-    // On a terminal the round's bar is on this line: clear it first.
-    let clear = if std::io::stderr().is_terminal() {
-        "\r\x1b[2K"
-    } else {
-        ""
-    };
-    eprintln!(
-        "{clear}round {:>2}{}: sent {} pages ({} zero), dirtied {} pages, {:.0} pages/s dirty rate, {:.0} Mbit/s, est. downtime {:.0} ms",
-        r.round,
-        if r.frozen { " (frozen)" } else { "" },
-        r.pages_sent,
-        r.pages_zero,
-        r.pages_dirtied,
-        r.dirty_rate_pages_per_s,
-        r.bandwidth_mbit,
-        estimate_ms
-    );
+/// Says that a round ended, with its figures.
+fn progress(events: &Events, r: &RoundFigures, estimate_ms: f64) {
+    events.emit(Event::Round {
+        figures: r.clone(),
+        estimate_ms,
+    });
 }
 
 impl Source<'_> {
-    /// Starts a round's progress bar (on a terminal only).
+    /// Starts a round's progress (the pages it expects to send).
     fn start_bar(&mut self, expected_pages: u64) {
-        self.bar = std::io::stderr()
-            .is_terminal()
-            .then_some((expected_pages.max(1), 0));
+        self.bar = Some((expected_pages.max(1), 0));
     }
 
-    /// Moves the bar by `pages` and redraws it.
+    /// Counts `pages` more sent this round and says so.
     fn advance_bar(&mut self, pages: u64) {
         if let Some((total, done)) = &mut self.bar {
             *done += pages;
-            let frac = (*done as f64 / *total as f64).min(1.0);
-            let filled = (frac * 40.0) as usize;
-            eprint!(
-                "\r[{}{}] {:>3.0}% {}/{} pages",
-                "#".repeat(filled),
-                "-".repeat(40 - filled),
-                frac * 100.0,
-                done,
-                total
-            );
+            self.opts.events.emit(Event::RoundProgress {
+                done: *done,
+                total: *total,
+            });
         }
     }
 
@@ -789,7 +771,7 @@ async fn migrate(
             pid: std::process::id(),
         },
     )?;
-    src.machine = Some(SourceMachine::new(journal, opts.fault));
+    src.machine = Some(SourceMachine::new(journal, opts.fault, opts.events.clone()));
     let resident: u64 = procs
         .iter()
         .map(|p| {
@@ -929,11 +911,7 @@ impl SourceCopy for DockerCopy {
 
     async fn release(&mut self) -> Result<()> {
         let killed = self.runtime.release().await;
-        self.daemon.remove(&self.runtime.id).await.map_err(|e| {
-            MigrateError::Docker(format!(
-                "the container runs on the target; removing it here failed: {e}"
-            ))
-        })?;
+        self.daemon.remove(&self.runtime.id).await?;
         killed
     }
 }
@@ -992,7 +970,7 @@ async fn run_source(
             false,
         );
         bandwidth_bps = measured(bandwidth_bps, &fig);
-        progress(&fig, 0.0);
+        progress(&src.opts.events, &fig, 0.0);
         src.round_done(&fig).await.map_err(|e| (e, None))?;
         src.stats.rounds.push(fig);
         // Later rounds: only what was written meanwhile.
@@ -1018,7 +996,7 @@ async fn run_source(
             );
             bandwidth_bps = measured(bandwidth_bps, &fig);
             let estimate_ms = fig.pages_dirtied as f64 * PAGE as f64 / bandwidth_bps * 1000.0;
-            progress(&fig, estimate_ms);
+            progress(&src.opts.events, &fig, estimate_ms);
             let dirty_bps = fig.dirty_rate_pages_per_s * PAGE as f64;
             let previous_dirtied = src.stats.rounds.last().map(|r| r.pages_dirtied);
             src.round_done(&fig).await.map_err(|e| (e, None))?;
@@ -1048,10 +1026,10 @@ async fn run_source(
                     }
                     src.stats.throttled = true;
                     src.stats.throttle_cpu_share = share;
-                    eprintln!(
-                        "round {round:>2}: dirtying faster than the link carries: container throttled to {:.1}% of a CPU",
-                        share * 100.0
-                    );
+                    src.opts.events.emit(Event::Throttled {
+                        round,
+                        cpu_share: share,
+                    });
                 }
             }
         }
@@ -1102,7 +1080,7 @@ async fn run_source(
         t.elapsed(),
         true,
     );
-    progress(&fig, 0.0);
+    progress(&src.opts.events, &fig, 0.0);
     src.stats.rounds.push(fig);
     src.stats.processes = src.trackers.len();
 

@@ -14,6 +14,7 @@ use migrun_runtime::{lifecycle, StateRoot};
 use migrun_wire::{Channel, Message};
 
 use crate::docker::{self, Daemon};
+use crate::events::{Event, Events, Origin};
 use crate::fault::Fault;
 use crate::handover::{TargetCopy, TargetMachine};
 use crate::inbound::{out_of_phase, Phase, Trees};
@@ -54,6 +55,9 @@ pub struct InOptions {
     pub peer_timeout: Duration,
     /// Tests only: a fault to inject at a step (`--inject-fault`).
     pub fault: Option<Fault>,
+    /// Where what happens goes (listening, each migration's progress and
+    /// end, notices).
+    pub events: Events,
 }
 
 /// Where the bundles of containers migrated into `root` live: in the state
@@ -92,6 +96,8 @@ struct Incoming {
     layers: PathBuf,
     /// Docker mode: the daemon and what was made in it.
     docker: Option<DockerIn>,
+    /// Where notices go.
+    events: Events,
 }
 
 /// An incoming Docker container: what the source said, and what this side
@@ -127,11 +133,14 @@ impl DockerIn {
     }
 
     /// Removes what this migration made in the daemon.
-    async fn undo(&mut self, pending: &Path) {
+    async fn undo(&mut self, pending: &Path, events: &Events) {
         let mut left = Vec::new();
         if let Some(id) = self.container.take() {
             if let Err(e) = self.daemon.remove(&id).await {
-                eprintln!("migrate-in: {e}: removing it when the daemon answers again");
+                events.warn(
+                    Origin::MigrateIn,
+                    format!("{e}: removing it when the daemon answers again"),
+                );
                 left.push(format!("container {id}"));
             }
         }
@@ -183,7 +192,9 @@ async fn clean_docker_pending(opts: &InOptions) {
             _ => true,
         };
         if done {
-            eprintln!("migrate-in: removed {line}, left by an earlier failed migration");
+            opts.events.emit(Event::LeftoverRemoved {
+                what: line.to_string(),
+            });
         } else {
             left.push_str(line);
             left.push('\n');
@@ -255,7 +266,7 @@ impl Incoming {
 
     async fn undo(&mut self, root: &StateRoot) {
         if let Some(mut d) = self.docker.take() {
-            d.undo(&self.pending).await;
+            d.undo(&self.pending, &self.events).await;
         }
         if let Some(mut lazy) = self.lazy.take() {
             lazy.abort();
@@ -298,7 +309,7 @@ fn owner_pid(name: &str) -> Option<u32> {
 /// of dead processes (`incoming-<pid>-…`) go too: they never hold a
 /// container's bundle.
 fn clean_stale(root: &StateRoot, opts: &InOptions) {
-    for j in journal::all(root.path()) {
+    for j in journal::all(root.path(), &opts.events) {
         let r = j.record().clone();
         if r.role != Role::Target {
             continue;
@@ -308,19 +319,16 @@ fn clean_stale(root: &StateRoot, opts: &InOptions) {
         } else if journal::writer_alive(r.pid) {
             continue;
         } else if r.step == Step::Receiving {
-            eprintln!(
-                "migrate-in: undoing the migration of {} that was cut off while receiving",
-                r.container
-            );
-            crate::recover::discard_target_copy(root, &r);
+            opts.events.emit(Event::StaleUndone {
+                container: r.container.clone(),
+            });
+            crate::recover::discard_target_copy(root, &r, &opts.events);
             j.remove();
         } else {
-            eprintln!(
-                "migrate-in: the migration of {} is in doubt ({}): its copy here stays stopped until `migrun migrate-recover {}`",
-                r.container,
-                r.step.name(),
-                r.container
-            );
+            opts.events.emit(Event::StaleInDoubt {
+                container: r.container.clone(),
+                step: r.step,
+            });
         }
     }
     let stale = |dir: &Path| -> Vec<PathBuf> {
@@ -377,19 +385,23 @@ pub async fn migrate_in(root: &StateRoot, opts: &InOptions) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(&opts.listen)
         .await
         .map_err(|e| MigrateError::Target(format!("listen on {}: {e}", opts.listen)))?;
-    eprintln!("migrate-in: listening on {}", opts.listen);
+    opts.events.emit(Event::Listening {
+        addr: opts.listen.clone(),
+    });
     loop {
         let accepted = tokio::select! {
             a = migrun_wire::accept(&listener, &key) => a,
             sig = interrupts.next() => {
-                eprintln!("migrate-in: {sig}: no migration in progress; exiting");
+                opts.events.emit(Event::InterruptedIdle { signal: sig });
                 return Ok(());
             }
         };
         let mut ch = match accepted {
             Ok(ch) => ch,
             Err(e) => {
-                eprintln!("migrate-in: refused a connection: {e}");
+                opts.events.emit(Event::ConnectionRefused {
+                    error: e.to_string(),
+                });
                 if opts.once {
                     return Err(e.into());
                 }
@@ -401,8 +413,12 @@ pub async fn migrate_in(root: &StateRoot, opts: &InOptions) -> Result<()> {
         ch.set_send_timeout(Some(opts.peer_timeout));
         let result = receive(root, opts, ch, &mut interrupts).await;
         match &result {
-            Ok(id) => eprintln!("migrate-in: container {id} restored and running"),
-            Err(e) => eprintln!("migrate-in: migration failed: {e}"),
+            Ok(id) => opts.events.emit(Event::MigrationDone {
+                container: id.clone(),
+            }),
+            Err(e) => opts.events.emit(Event::MigrationFailed {
+                error: e.to_string(),
+            }),
         }
         if opts.once {
             return result.map(|_| ());
@@ -444,6 +460,7 @@ async fn receive(
         overlay: None,
         layers: opts.work_dir.join("layers"),
         docker: None,
+        events: opts.events.clone(),
     };
     let result = {
         let work = receive_into(root, opts, &mut ch, &mut inc);
@@ -453,7 +470,7 @@ async fn receive(
             sig = interrupts.next() => {
                 if acked.load(Ordering::SeqCst) {
                     // The source may have committed: finish the hand-over.
-                    eprintln!("migrate-in: {sig}: the container is acknowledged to the source; finishing the hand-over");
+                    opts.events.emit(Event::InterruptedAcknowledged { signal: sig });
                     work.await
                 } else if restoring.load(Ordering::SeqCst) {
                     // CRIU runs in another thread: let it end, then roll back.
@@ -638,7 +655,11 @@ async fn on_start(
         },
     )?;
     inc.id = Some(container_id.clone());
-    inc.machine = Some(TargetMachine::new(journal, opts.fault)?);
+    inc.machine = Some(TargetMachine::new(
+        journal,
+        opts.fault,
+        opts.events.clone(),
+    )?);
     // Left by a migration of this id that failed before its journal:
     // no container owns it (checked above).
     if opts.docker_host.is_none() && dir.exists() {
@@ -657,7 +678,16 @@ async fn on_start(
     let mut rootfs_dir = Some(bundle.join("rootfs"));
     match (v.get("docker").filter(|d| !d.is_null()), &opts.docker_host) {
         (Some(d), Some(host)) => {
-            let (dock, upper) = docker_start(host, d, ch, rootfs_bytes, &opts.work_dir, root).await?;
+            let (dock, upper) = docker_start(
+                host,
+                d,
+                ch,
+                rootfs_bytes,
+                &opts.work_dir,
+                root,
+                &opts.events,
+            )
+            .await?;
             inc.docker = Some(dock);
             rootfs_dir = upper;
             if rootfs_dir.is_none() {
@@ -711,11 +741,10 @@ async fn on_start(
         for d in &wanted {
             trees.want_layer(d)?;
         }
-        eprintln!(
-            "migrate-in: overlay root filesystem: {} layers, {} to receive",
-            digests.len(),
-            wanted.len()
-        );
+        opts.events.emit(Event::Overlay {
+            layers: digests.len(),
+            to_receive: wanted.len(),
+        });
         ch.send(&Message::LayersWanted { digests: wanted }).await?;
         rootfs_dir = Some(bundle.join("upper"));
         overlay_layers = Some(digests);
@@ -728,12 +757,12 @@ async fn on_start(
     if let Some(dir) = rootfs_dir {
         trees.set_rootfs(&dir)?;
     }
-    eprintln!(
-        "migrate-in: receiving container {container_id}: {} processes, {} resident pages, {} MiB of files",
-        memory.processes,
-        memory.resident_pages,
-        rootfs_bytes >> 20
-    );
+    opts.events.emit(Event::Receiving {
+        container: container_id.clone(),
+        processes: memory.processes,
+        resident_pages: memory.resident_pages,
+        rootfs_bytes,
+    });
     Ok(Started {
         id: container_id,
         overlay_layers,
@@ -773,7 +802,7 @@ async fn receive_into(
         {
             // Not a migration: the source's migrate-recover asking.
             let peer = crate::recover::Peer::parse(step, *whole)?;
-            crate::recover::answer(root, ch, container, peer).await?;
+            crate::recover::answer(root, ch, container, peer, &opts.events).await?;
             return Ok(format!("{container} (settled with the source)"));
         }
         phase = phase.next(&msg)?;
@@ -848,7 +877,9 @@ async fn receive_into(
                 beat?;
                 dock.loaded_image = true;
                 let _ = fs::remove_file(&tar);
-                eprintln!("migrate-in: image {} loaded", dock.image);
+                opts.events.emit(Event::ImageLoaded {
+                    image: dock.image.clone(),
+                });
                 let upper = dock.create().await?;
                 trees.set_rootfs(&upper)?;
                 // The source waits for this before its rounds: a load
@@ -912,7 +943,9 @@ async fn commit(
     mut store: PageStore,
 ) -> Result<String> {
     let t = Instant::now();
-    eprintln!("migrate-in: restoring {id}");
+    opts.events.emit(Event::Restoring {
+        container: id.clone(),
+    });
     if let Some(digests) = &overlay_layers {
         mount_overlay(layer_store, digests, bundle)?;
     }
@@ -981,22 +1014,18 @@ async fn commit(
         return Err(MigrateError::Interrupted("a signal"));
     }
     let t_criu = t.elapsed();
-    crate::netmove::after_restore(root, &id, opts.bridge.as_deref(), hold)?;
+    crate::netmove::after_restore(root, &id, opts.bridge.as_deref(), hold, &opts.events)?;
     inc.lazy = lazy;
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    eprintln!(
-        "migrate-in: restored {id} in {:.0} ms (overlay {:.0}, memory set-up {:.0}, criu restore {:.0}, network {:.0} ms){}",
-        ms(t.elapsed()),
-        ms(t_overlay),
-        ms(t_lazy - t_overlay),
-        ms(t_criu - t_lazy),
-        ms(t.elapsed() - t_criu),
-        if inc.lazy.is_some() {
-            " (memory follows from the page store)"
-        } else {
-            ""
-        }
-    );
+    opts.events.emit(Event::Restored {
+        container: id.clone(),
+        total_ms: ms(t.elapsed()),
+        overlay_ms: ms(t_overlay),
+        memory_setup_ms: ms(t_lazy - t_overlay),
+        criu_ms: ms(t_criu - t_lazy),
+        network_ms: ms(t.elapsed() - t_criu),
+        lazy: inc.lazy.is_some(),
+    });
     if let Some(merged) = inc.overlay.take() {
         // The container's mount namespace holds the overlay now; it goes
         // away with the container (an unmount costs milliseconds: not in
@@ -1007,6 +1036,7 @@ async fn commit(
         root: root.clone(),
         id: id.clone(),
         lazy: inc.lazy.take(),
+        events: opts.events.clone(),
     };
     inc.hand_over(opts, ch, &mut copy, |c| c.lazy.take())
         .await?;
@@ -1019,6 +1049,8 @@ struct PlainTarget {
     id: String,
     /// The lazy-pages daemon filling its memory, if it was restored without.
     lazy: Option<LazyPages>,
+    /// Where it says that its memory is in place.
+    events: Events,
 }
 
 impl TargetCopy for PlainTarget {
@@ -1028,7 +1060,7 @@ impl TargetCopy for PlainTarget {
 
     async fn memory_in_place(&mut self) -> Result<()> {
         match self.lazy.take() {
-            Some(lazy) => memory_in_place(&self.id, lazy).await,
+            Some(lazy) => memory_in_place(&self.id, lazy, &self.events).await,
             None => Ok(()),
         }
     }
@@ -1050,6 +1082,8 @@ struct DockerTarget<'a> {
     checkpoint: PathBuf,
     /// The lazy-pages daemon filling its memory, if it was restored without.
     lazy: Option<LazyPages>,
+    /// Where it says that its memory is in place.
+    events: Events,
 }
 
 impl TargetCopy for DockerTarget<'_> {
@@ -1067,7 +1101,7 @@ impl TargetCopy for DockerTarget<'_> {
 
     async fn memory_in_place(&mut self) -> Result<()> {
         match self.lazy.take() {
-            Some(lazy) => memory_in_place(&self.name, lazy).await,
+            Some(lazy) => memory_in_place(&self.name, lazy, &self.events).await,
             None => Ok(()),
         }
     }
@@ -1097,7 +1131,10 @@ fn start_lazy_pages(
     match LazyPages::start(&bin.path, image_dir, shared.clone()) {
         Ok(lazy) => Ok(Some(lazy)),
         Err(e) => {
-            eprintln!("migrate-in: {e}: restoring with complete images instead");
+            opts.events.warn(
+                Origin::MigrateIn,
+                format!("{e}: restoring with complete images instead"),
+            );
             // The server thread is gone: the store is ours again.
             *store = Arc::try_unwrap(shared).map_err(|_| {
                 MigrateError::Target("page store still shared after lazy-pages failed".into())
@@ -1117,6 +1154,7 @@ async fn docker_start(
     rootfs_bytes: u64,
     work_dir: &Path,
     root: &StateRoot,
+    events: &Events,
 ) -> Result<(DockerIn, Option<PathBuf>)> {
     let daemon = Daemon::connect(host)?;
     daemon.check_driver().await?;
@@ -1151,16 +1189,12 @@ async fn docker_start(
         w.extend(docker::missing_layers(&diff_ids, &have));
         w
     };
-    eprintln!(
-        "migrate-in: Docker container {name}: image {}, {} of {} layers to receive",
-        if wanted.is_empty() {
-            "present"
-        } else {
-            "missing"
-        },
-        wanted.len().saturating_sub(1),
-        diff_ids.len()
-    );
+    events.emit(Event::DockerContainer {
+        name: name.clone(),
+        image_present: wanted.is_empty(),
+        layers_to_receive: wanted.len().saturating_sub(1),
+        layers: diff_ids.len(),
+    });
     let need_image = !wanted.is_empty();
     ch.send(&Message::LayersWanted { digests: wanted }).await?;
     let mut dock = DockerIn {
@@ -1251,15 +1285,12 @@ async fn docker_commit(
     }
     dock.daemon.start_from_checkpoint(&cid, &checkpoint).await?;
     inc.restored = true;
-    eprintln!(
-        "migrate-in: restored {name} ({cid:.12}) through Docker in {:.0} ms{}",
-        t.elapsed().as_secs_f64() * 1000.0,
-        if inc.lazy.is_some() {
-            " (memory follows from the page store)"
-        } else {
-            ""
-        }
-    );
+    opts.events.emit(Event::DockerRestored {
+        name: name.clone(),
+        container_id: cid.clone(),
+        total_ms: t.elapsed().as_secs_f64() * 1000.0,
+        lazy: inc.lazy.is_some(),
+    });
     let Some(mut dock) = inc.docker.take() else {
         return Err(MigrateError::Target("not a Docker migration".into()));
     };
@@ -1269,6 +1300,7 @@ async fn docker_commit(
         name: name.clone(),
         checkpoint: dir,
         lazy: inc.lazy.take(),
+        events: opts.events.clone(),
     };
     let handed = inc.hand_over(opts, ch, &mut copy, |c| c.lazy.take()).await;
     // Until it runs, a failure removes what was made in the daemon.
@@ -1278,14 +1310,16 @@ async fn docker_commit(
 }
 
 /// Waits until the lazy-pages daemon has put all of the memory of the
-/// running container `id` in place. Nothing may end this process before.
-async fn memory_in_place(id: &str, lazy: LazyPages) -> Result<()> {
+/// running container `id` in place (and says so to `events`). Nothing may
+/// end this process before.
+async fn memory_in_place(id: &str, lazy: LazyPages, events: &Events) -> Result<()> {
     match tokio::task::spawn_blocking(move || lazy.finish()).await {
         Ok(Ok((pages, took))) => {
-            eprintln!(
-                "migrate-in: memory of {id} in place: {pages} pages in {:.0} ms after the restore",
-                took.as_secs_f64() * 1000.0
-            );
+            events.emit(Event::MemoryInPlace {
+                container: id.to_string(),
+                pages,
+                ms: took.as_secs_f64() * 1000.0,
+            });
             Ok(())
         }
         Ok(Err(e)) => Err(MigrateError::Target(format!(

@@ -79,6 +79,7 @@ pub fn dispatch(cli: Cli) -> Result<i32> {
                 docker_host,
                 peer_timeout: migrate::seconds(peer_timeout, "--peer-timeout")?,
                 fault: migrate::fault(inject_fault.as_deref())?,
+                events: crate::render::stderr_events(),
             },
         ),
         Command::MigrateOut {
@@ -109,6 +110,7 @@ pub fn dispatch(cli: Cli) -> Result<i32> {
                 docker_host,
                 peer_timeout: migrate::seconds(peer_timeout, "--peer-timeout")?,
                 fault: migrate::fault(inject_fault.as_deref())?,
+                events: crate::render::stderr_events(),
             },
             stats_json.as_deref(),
         ),
@@ -134,6 +136,7 @@ pub fn dispatch(cli: Cli) -> Result<i32> {
                     }
                 }),
                 peer_timeout: migrate::seconds(peer_timeout, "--peer-timeout")?,
+                events: crate::render::stderr_events(),
             },
         ),
     }
