@@ -90,14 +90,191 @@ struct Incoming {
     restored: bool,
     /// The lazy-pages daemon filling the restored container's memory.
     lazy: Option<LazyPages>,
-    /// Where an overlay root filesystem is (to be) mounted on this host.
-    overlay: Option<PathBuf>,
     /// The layer store, whose unfinished layers a failure removes.
     layers: PathBuf,
-    /// Docker mode: the daemon and what was made in it.
-    docker: Option<DockerIn>,
+    /// How the container is made here (from `Start` on).
+    endpoint: Option<Endpoint>,
     /// Where notices go.
     events: Events,
+}
+
+/// How an incoming container is made on this side, and unmade on failure:
+/// one variant per mode, chosen on `Start` from what the source sends and
+/// what this side serves. The receiving flow asks it to prepare, take an
+/// image, restore and hand over, or undo, never which mode it is in.
+enum Endpoint {
+    /// A migrun container under this side's state root.
+    Plain(PlainIn),
+    /// A Docker container in the daemon of `--docker-host`.
+    Docker(DockerIn),
+}
+
+/// An incoming migrun container: its overlay, if its root filesystem is one.
+struct PlainIn {
+    /// The lower layers, uppermost first (an overlay root filesystem).
+    layers: Option<Vec<String>>,
+    /// Where the overlay is to be mounted on this host (unmounted on failure).
+    merged: Option<PathBuf>,
+}
+
+impl Endpoint {
+    /// On `Start` (`v`: its spec), after the bundle's config is written:
+    /// checks that the source sends what this side serves, sets up the
+    /// mode's container (Docker's, created in the daemon if it has the
+    /// image) or the overlay's layers, tells the source which layers to
+    /// send, checks space, and points `trees` at the directory the root
+    /// filesystem is received into.
+    async fn prepare(
+        root: &StateRoot,
+        opts: &InOptions,
+        ch: &mut Channel,
+        trees: &mut Trees,
+        v: &serde_json::Value,
+        (bundle, scratch): (&Path, &Path),
+    ) -> Result<Endpoint> {
+        let rootfs_bytes = data_bytes(&v["rootfs"]);
+        match (v.get("docker").filter(|d| !d.is_null()), &opts.docker_host) {
+            (Some(d), Some(host)) => {
+                let (dock, upper) = docker_start(
+                    host,
+                    d,
+                    ch,
+                    rootfs_bytes,
+                    &opts.work_dir,
+                    root,
+                    &opts.events,
+                )
+                .await?;
+                match upper {
+                    Some(upper) => trees.set_rootfs(&upper)?,
+                    None => trees.want_image(&scratch.join("image.tar"))?,
+                }
+                Ok(Endpoint::Docker(dock))
+            }
+            (Some(_), None) => Err(MigrateError::Target(
+                "the source sends a Docker container: run migrate-in with --docker-host".into(),
+            )),
+            (None, Some(_)) => Err(MigrateError::Target(
+                "migrate-in --docker-host takes Docker containers (migrate-out --docker-host); the source sends a migrun container".into(),
+            )),
+            (None, None) => {
+                let plain = PlainIn::prepare(root, opts, ch, trees, v, bundle).await?;
+                Ok(Endpoint::Plain(plain))
+            }
+        }
+    }
+
+    /// `ImageDone`: the image the container needs has arrived (at `tar`).
+    async fn image_arrived(
+        &mut self,
+        tar: &Path,
+        opts: &InOptions,
+        ch: &mut Channel,
+        trees: &mut Trees,
+    ) -> Result<()> {
+        match self {
+            Endpoint::Docker(dock) => dock.image_arrived(tar, opts, ch, trees).await,
+            Endpoint::Plain(_) => Err(MigrateError::Protocol(
+                "an image for a container that is not Docker's".into(),
+            )),
+        }
+    }
+
+    /// `Commit`: restores the container, stopped, and hands it over (see
+    /// [`TargetMachine`]); returns its name once it runs here.
+    async fn commit(
+        &mut self,
+        root: &StateRoot,
+        opts: &InOptions,
+        ch: &mut Channel,
+        inc: &mut Incoming,
+        (id, store): (String, PageStore),
+    ) -> Result<String> {
+        match self {
+            Endpoint::Plain(plain) => commit(root, opts, ch, inc, plain, (id, store)).await,
+            Endpoint::Docker(dock) => docker_commit(opts, store, ch, inc, dock).await,
+        }
+    }
+
+    /// Removes what this mode made for a migration that failed before its
+    /// acknowledgement.
+    async fn undo(&mut self, pending: &Path, events: &Events) {
+        match self {
+            Endpoint::Plain(plain) => {
+                if let Some(merged) = plain.merged.take() {
+                    let _ = nix::mount::umount2(&merged, nix::mount::MntFlags::MNT_DETACH);
+                }
+            }
+            Endpoint::Docker(dock) => dock.undo(pending, events).await,
+        }
+    }
+}
+
+impl PlainIn {
+    /// On `Start`: an overlay root filesystem's layers asked for as far as
+    /// the layer store lacks them (the upper directory is what is received),
+    /// or the whole tree received into the bundle's `rootfs`; space checked.
+    async fn prepare(
+        root: &StateRoot,
+        opts: &InOptions,
+        ch: &mut Channel,
+        trees: &mut Trees,
+        v: &serde_json::Value,
+        bundle: &Path,
+    ) -> Result<PlainIn> {
+        let rootfs_bytes = data_bytes(&v["rootfs"]);
+        let Some(offer) = v["overlay"]["layers"].as_array() else {
+            check_space(&[(bundle, rootfs_bytes)], root.path())?;
+            trees.set_rootfs(&bundle.join("rootfs"))?;
+            return Ok(PlainIn {
+                layers: None,
+                merged: None,
+            });
+        };
+        let sizes = v["overlay"]["data_bytes"].as_array();
+        let store = LayerStore::new(opts.work_dir.join("layers"));
+        let mut digests = Vec::new();
+        let mut wanted = Vec::new();
+        let mut layer_bytes = 0u64;
+        for (i, d) in offer.iter().enumerate() {
+            let d = d
+                .as_str()
+                .ok_or_else(|| {
+                    MigrateError::Protocol("start: a layer digest is not a string".into())
+                })?
+                .to_string();
+            // A malformed digest is not "had": want_layer refuses it below.
+            if !store.has(&d) {
+                layer_bytes = layer_bytes.saturating_add(
+                    sizes
+                        .and_then(|s| s.get(i))
+                        .and_then(|b| b.as_u64())
+                        .unwrap_or(0),
+                );
+                if !wanted.contains(&d) {
+                    wanted.push(d.clone());
+                }
+            }
+            digests.push(d);
+        }
+        check_space(
+            &[(bundle, rootfs_bytes), (&opts.work_dir, layer_bytes)],
+            root.path(),
+        )?;
+        for d in &wanted {
+            trees.want_layer(d)?;
+        }
+        opts.events.emit(Event::Overlay {
+            layers: digests.len(),
+            to_receive: wanted.len(),
+        });
+        ch.send(&Message::LayersWanted { digests: wanted }).await?;
+        trees.set_rootfs(&bundle.join("upper"))?;
+        Ok(PlainIn {
+            layers: Some(digests),
+            merged: Some(bundle.join("rootfs")),
+        })
+    }
 }
 
 /// An incoming Docker container: what the source said, and what this side
@@ -130,6 +307,33 @@ impl DockerIn {
             .ok_or_else(|| {
                 MigrateError::Docker(format!("new container {id} has no upper directory"))
             })
+    }
+
+    /// The image has arrived (at `tar`): loaded into the daemon (with
+    /// heartbeats meanwhile), the container created from it, the source told.
+    async fn image_arrived(
+        &mut self,
+        tar: &Path,
+        opts: &InOptions,
+        ch: &mut Channel,
+        trees: &mut Trees,
+    ) -> Result<()> {
+        let (loaded, beat) =
+            crate::liveness::with_heartbeats(ch.sender(), opts.peer_timeout, self.daemon.load(tar))
+                .await;
+        loaded?;
+        beat?;
+        self.loaded_image = true;
+        let _ = fs::remove_file(tar);
+        opts.events.emit(Event::ImageLoaded {
+            image: self.image.clone(),
+        });
+        let upper = self.create().await?;
+        trees.set_rootfs(&upper)?;
+        // The source waits for this before its rounds: a load still
+        // running here must not end up in the downtime.
+        ch.send(&Message::Ack).await?;
+        Ok(())
     }
 
     /// Removes what this migration made in the daemon.
@@ -265,17 +469,14 @@ impl Incoming {
     }
 
     async fn undo(&mut self, root: &StateRoot) {
-        if let Some(mut d) = self.docker.take() {
-            d.undo(&self.pending, &self.events).await;
+        if let Some(mut e) = self.endpoint.take() {
+            e.undo(&self.pending, &self.events).await;
         }
         if let Some(mut lazy) = self.lazy.take() {
             lazy.abort();
         }
         if let (Some(id), true) = (&self.id, self.restored) {
             let _ = lifecycle::delete(root, id, true);
-        }
-        if let Some(merged) = self.overlay.take() {
-            let _ = nix::mount::umount2(&merged, nix::mount::MntFlags::MNT_DETACH);
         }
         LayerStore::new(self.layers.clone()).discard_incoming();
         if !self.dir.as_os_str().is_empty() {
@@ -457,9 +658,8 @@ async fn receive(
         id: None,
         restored: false,
         lazy: None,
-        overlay: None,
         layers: opts.work_dir.join("layers"),
-        docker: None,
+        endpoint: None,
         events: opts.events.clone(),
     };
     let result = {
@@ -607,7 +807,6 @@ fn data_bytes(v: &serde_json::Value) -> u64 {
 /// Docker container or the overlay layers set up, space checked.
 struct Started {
     id: String,
-    overlay_layers: Option<Vec<String>>,
 }
 
 async fn on_start(
@@ -674,99 +873,18 @@ async fn on_start(
     let path = bundle.join("config.json");
     fs::write(&path, local_config(config, &container_id, root)?)
         .map_err(|e| MigrateError::Target(format!("{}: {e}", path.display())))?;
-    let rootfs_bytes = data_bytes(&v["rootfs"]);
-    let mut rootfs_dir = Some(bundle.join("rootfs"));
-    match (v.get("docker").filter(|d| !d.is_null()), &opts.docker_host) {
-        (Some(d), Some(host)) => {
-            let (dock, upper) = docker_start(
-                host,
-                d,
-                ch,
-                rootfs_bytes,
-                &opts.work_dir,
-                root,
-                &opts.events,
-            )
-            .await?;
-            inc.docker = Some(dock);
-            rootfs_dir = upper;
-            if rootfs_dir.is_none() {
-                trees.want_image(&inc.scratch.join("image.tar"))?;
-            }
-        }
-        (Some(_), None) => {
-            return Err(MigrateError::Target(
-                "the source sends a Docker container: run migrate-in with --docker-host".into(),
-            ))
-        }
-        (None, Some(_)) => {
-            return Err(MigrateError::Target(
-                "migrate-in --docker-host takes Docker containers (migrate-out --docker-host); the source sends a migrun container".into(),
-            ))
-        }
-        (None, None) => {}
-    }
-    let mut overlay_layers = None;
-    if let Some(offer) = v["overlay"]["layers"].as_array() {
-        let sizes = v["overlay"]["data_bytes"].as_array();
-        let store = LayerStore::new(opts.work_dir.join("layers"));
-        let mut digests = Vec::new();
-        let mut wanted = Vec::new();
-        let mut layer_bytes = 0u64;
-        for (i, d) in offer.iter().enumerate() {
-            let d = d
-                .as_str()
-                .ok_or_else(|| {
-                    MigrateError::Protocol("start: a layer digest is not a string".into())
-                })?
-                .to_string();
-            // A malformed digest is not "had": want_layer refuses it below.
-            if !store.has(&d) {
-                layer_bytes = layer_bytes.saturating_add(
-                    sizes
-                        .and_then(|s| s.get(i))
-                        .and_then(|b| b.as_u64())
-                        .unwrap_or(0),
-                );
-                if !wanted.contains(&d) {
-                    wanted.push(d.clone());
-                }
-            }
-            digests.push(d);
-        }
-        check_space(
-            &[(&bundle, rootfs_bytes), (&opts.work_dir, layer_bytes)],
-            root.path(),
-        )?;
-        for d in &wanted {
-            trees.want_layer(d)?;
-        }
-        opts.events.emit(Event::Overlay {
-            layers: digests.len(),
-            to_receive: wanted.len(),
-        });
-        ch.send(&Message::LayersWanted { digests: wanted }).await?;
-        rootfs_dir = Some(bundle.join("upper"));
-        overlay_layers = Some(digests);
-        inc.overlay = Some(bundle.join("rootfs"));
-    } else if inc.docker.is_none() {
-        check_space(&[(&bundle, rootfs_bytes)], root.path())?;
-    }
     fs::create_dir_all(bundle.join("rootfs"))
         .map_err(|e| MigrateError::Target(format!("{}: {e}", bundle.display())))?;
-    if let Some(dir) = rootfs_dir {
-        trees.set_rootfs(&dir)?;
-    }
+    let endpoint = Endpoint::prepare(root, opts, ch, trees, &v, (&bundle, &inc.scratch)).await?;
+    inc.endpoint = Some(endpoint);
+    let rootfs_bytes = data_bytes(&v["rootfs"]);
     opts.events.emit(Event::Receiving {
         container: container_id.clone(),
         processes: memory.processes,
         resident_pages: memory.resident_pages,
         rootfs_bytes,
     });
-    Ok(Started {
-        id: container_id,
-        overlay_layers,
-    })
+    Ok(Started { id: container_id })
 }
 
 async fn receive_into(
@@ -864,27 +982,11 @@ async fn receive_into(
             Message::ImageChunk { offset, data } => trees.image_chunk(offset, &data)?,
             Message::ImageDone { size } => {
                 let tar = trees.image_done(size)?;
-                let dock = inc.docker.as_mut().ok_or_else(|| {
-                    MigrateError::Protocol("an image for a container that is not Docker's".into())
-                })?;
-                let (loaded, beat) = crate::liveness::with_heartbeats(
-                    ch.sender(),
-                    opts.peer_timeout,
-                    dock.daemon.load(&tar),
-                )
-                .await;
-                loaded?;
-                beat?;
-                dock.loaded_image = true;
-                let _ = fs::remove_file(&tar);
-                opts.events.emit(Event::ImageLoaded {
-                    image: dock.image.clone(),
-                });
-                let upper = dock.create().await?;
-                trees.set_rootfs(&upper)?;
-                // The source waits for this before its rounds: a load
-                // still running here must not end up in the downtime.
-                ch.send(&Message::Ack).await?;
+                let endpoint = inc
+                    .endpoint
+                    .as_mut()
+                    .ok_or_else(|| MigrateError::Protocol("an image before start".into()))?;
+                endpoint.image_arrived(&tar, opts, ch, &mut trees).await?;
             }
             Message::RoundDone { round, stats } => {
                 tracing::info!(round, pages = stats.pages_sent, "round done");
@@ -902,24 +1004,19 @@ async fn receive_into(
                 f.write_all_at(&data, offset).map_err(|e| io(&path, e))?;
             }
             Message::Commit => {
-                let Some(Started { id, overlay_layers }) = started.take() else {
+                let Some(Started { id }) = started.take() else {
                     return Err(MigrateError::Protocol("commit before start".into()));
                 };
                 trees.check_complete()?;
                 drop(trees);
-                if inc.docker.is_some() {
-                    return docker_commit(opts, &image_dir, store, ch, inc).await;
-                }
-                let bundle = inc.dir.join("bundle");
-                return commit(
-                    root,
-                    opts,
-                    ch,
-                    inc,
-                    (id, overlay_layers, &layer_store, &bundle, &image_dir),
-                    store,
-                )
-                .await;
+                let mut endpoint = inc
+                    .endpoint
+                    .take()
+                    .ok_or_else(|| MigrateError::Protocol("commit before start".into()))?;
+                let handed = endpoint.commit(root, opts, ch, inc, (id, store)).await;
+                // Until acknowledged, a failure undoes what it made.
+                inc.endpoint = Some(endpoint);
+                return handed;
             }
             other => return Err(out_of_phase(&other, phase)),
         }
@@ -933,21 +1030,17 @@ async fn commit(
     opts: &InOptions,
     ch: &mut Channel,
     inc: &mut Incoming,
-    (id, overlay_layers, layer_store, bundle, image_dir): (
-        String,
-        Option<Vec<String>>,
-        &LayerStore,
-        &Path,
-        &Path,
-    ),
-    mut store: PageStore,
+    plain: &mut PlainIn,
+    (id, mut store): (String, PageStore),
 ) -> Result<String> {
     let t = Instant::now();
     opts.events.emit(Event::Restoring {
         container: id.clone(),
     });
-    if let Some(digests) = &overlay_layers {
-        mount_overlay(layer_store, digests, bundle)?;
+    let bundle = &inc.dir.join("bundle");
+    let image_dir = &inc.images.clone();
+    if let Some(digests) = &plain.layers {
+        mount_overlay(&LayerStore::new(inc.layers.clone()), digests, bundle)?;
     }
     let t_overlay = t.elapsed();
     let lazy = start_lazy_pages(opts, image_dir, &mut store)?;
@@ -1026,7 +1119,7 @@ async fn commit(
         network_ms: ms(t.elapsed() - t_criu),
         lazy: inc.lazy.is_some(),
     });
-    if let Some(merged) = inc.overlay.take() {
+    if let Some(merged) = plain.merged.take() {
         // The container's mount namespace holds the overlay now; it goes
         // away with the container (an unmount costs milliseconds: not in
         // the downtime). The bundle stays: it is the container's.
@@ -1217,16 +1310,13 @@ async fn docker_start(
 /// daemon (stopped until the source let go: see LEAVE_STOPPED_MARKER).
 async fn docker_commit(
     opts: &InOptions,
-    image_dir: &Path,
     mut store: PageStore,
     ch: &mut Channel,
     inc: &mut Incoming,
+    dock: &mut DockerIn,
 ) -> Result<String> {
     let t = Instant::now();
-    let dock = inc
-        .docker
-        .as_mut()
-        .ok_or_else(|| MigrateError::Target("not a Docker migration".into()))?;
+    let image_dir = &inc.images.clone();
     let cid = dock
         .container
         .clone()
@@ -1291,21 +1381,16 @@ async fn docker_commit(
         total_ms: t.elapsed().as_secs_f64() * 1000.0,
         lazy: inc.lazy.is_some(),
     });
-    let Some(mut dock) = inc.docker.take() else {
-        return Err(MigrateError::Target("not a Docker migration".into()));
-    };
     let mut copy = DockerTarget {
-        dock: &mut dock,
+        dock,
         cid,
         name: name.clone(),
         checkpoint: dir,
         lazy: inc.lazy.take(),
         events: opts.events.clone(),
     };
-    let handed = inc.hand_over(opts, ch, &mut copy, |c| c.lazy.take()).await;
-    // Until it runs, a failure removes what was made in the daemon.
-    inc.docker = Some(dock);
-    handed?;
+    inc.hand_over(opts, ch, &mut copy, |c| c.lazy.take())
+        .await?;
     Ok(name)
 }
 
