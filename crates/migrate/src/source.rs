@@ -768,6 +768,7 @@ async fn migrate(
             scratch: None,
             cpu_limit: None,
             docker_host: opts.docker_host.clone(),
+            docker_container: None,
             pid: std::process::id(),
         },
     )?;
@@ -1115,6 +1116,11 @@ async fn run_source(
             MigrateError::Source(format!("criu dump failed: {e} {detail}")),
             Some(thread),
         ));
+    }
+    // CRIU holds the tasks in its ptrace stop and has thawed their cgroup:
+    // frozen again, they stay frozen when it goes (see refreeze).
+    if let Err(e) = checkpoint::refreeze(src.root, &src.opts.id) {
+        return Err((e.into(), Some(thread)));
     }
     src.stats.criu_dump_ms = dump_started.elapsed().as_secs_f64() * 1000.0;
     src.stats.phase("criu dump ready", freeze);

@@ -367,6 +367,40 @@ fn loopback_up(pid: i32) -> Result<()> {
         .ctx(|| format!("set loopback up in the network namespace of {pid}"))
 }
 
+/// Freezes the cgroup of the paused container `id` again while a CRIU dump
+/// holds its tasks, and waits until the freezer says so.
+///
+/// CRIU's `--freeze-cgroup` on cgroup v1 seizes the tasks of a frozen
+/// cgroup and then *thaws* it: the tasks wait in its ptrace stop, and run
+/// on the moment CRIU lets them go (when it is ended after a lazy dump, or
+/// dies). Frozen again, they stay as they are until the container is
+/// resumed or killed.
+pub fn refreeze(root: &StateRoot, id: &str) -> Result<()> {
+    let container = root.load(id)?;
+    let Some(dir) = freezer_dir(&container) else {
+        return Err(RuntimeError::InvalidInput(format!(
+            "container {id} has no freezer cgroup to hold it in"
+        )));
+    };
+    let state = Path::new(&dir).join("freezer.state");
+    fs::write(&state, "FROZEN").ctx(|| format!("freeze {}", state.display()))?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let now = fs::read_to_string(&state).ctx(|| format!("read {}", state.display()))?;
+        if now.trim() == "FROZEN" {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(RuntimeError::InvalidInput(format!(
+                "container {id} did not freeze in 5 s ({} says {})",
+                state.display(),
+                now.trim()
+            )));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
 /// Freezer cgroup directory of a container (cgroup v1).
 fn freezer_dir(container: &Container) -> Option<String> {
     let config = container.spec().ok()?;
