@@ -67,6 +67,11 @@ fn numbers(host: &str, name: &str) -> Vec<u64> {
 
 /// migrate-in --once into daemon `to`; the log in `dir`.
 fn migrate_in(to: &str, key: &Path, port: u16, dir: &Path) -> Child {
+    migrate_in_with(to, key, port, dir, &[])
+}
+
+/// [`migrate_in`] with `extra` arguments.
+fn migrate_in_with(to: &str, key: &Path, port: u16, dir: &Path, extra: &[&str]) -> Child {
     let log = fs::File::create(dir.join(format!("in-{port}.log"))).expect("log");
     let child = Command::new(migrun_bin())
         .arg("--root")
@@ -82,6 +87,7 @@ fn migrate_in(to: &str, key: &Path, port: u16, dir: &Path) -> Child {
         .arg("--work-dir")
         .arg(dir.join("in"))
         .args(["--docker-host", to])
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)
@@ -606,4 +612,152 @@ fn target_without_space_for_the_layers_refuses_and_holds_nothing() {
     assert_counting_on_a(&name);
     assert!(!docker(B, &["inspect", &name]).status.success());
     assert!(!docker(B, &["image", "inspect", &base]).status.success());
+}
+
+/// `migrun --root ROOT migrate-recover NAME --docker-host HOST ARGS…`.
+fn recover_cmd(root: &Path, name: &str, host: &str, args: &[&str]) -> Command {
+    let mut cmd = Command::new(migrun_bin());
+    cmd.arg("--root")
+        .arg(root)
+        .args(["migrate-recover", name, "--docker-host", host])
+        .args(args)
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// The journals left under the state root `root`.
+fn journals(root: &Path) -> Vec<String> {
+    fs::read_dir(root.join(".migrations"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_docker_hand_over_cut_after_the_commit_is_settled_by_migrate_recover_on_the_target() {
+    // The source committed and the connection dropped before `Done`: the
+    // source's copy stays frozen, the target's restored but stopped. The
+    // two migrate-recovers (the target's waiting, the source's asking)
+    // agree that the target's wins: it runs on from where it was, in
+    // daemon B, and daemon A's copy is gone. Until then neither runs.
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("tmp");
+    let key = pair_key(dir.path());
+    let name = unique_id("dmig-cut");
+    let _cleanup = Cleanup {
+        containers: vec![name.clone()],
+        images: vec![],
+    };
+    start_counter(&name, "busybox:local", "");
+    // With all of its memory restored at once: a copy whose memory was
+    // still to come from migrate-in's page store (gone with it) could not
+    // win.
+    let child = migrate_in_with(B, &key, port(7), dir.path(), &["--no-lazy-restore"]);
+    let out = migrate_out_cmd(A, &name, &key, port(7), dir.path())
+        .args(["--inject-fault", "drop@committed"])
+        .output()
+        .expect("migrate-out");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("in doubt"), "{err}");
+    let _ = child.wait_with_output();
+    // Neither copy runs.
+    let last_on_a = numbers(A, &name).last().copied().unwrap_or(0);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(numbers(A, &name).last().copied().unwrap_or(0), last_on_a);
+    let target_root = dir.path().join(format!("root-{}", port(7)));
+    let listen = format!("127.0.0.1:{}", port(8));
+    let key_s = key.to_string_lossy().to_string();
+    let target = recover_cmd(
+        &target_root,
+        &name,
+        B,
+        &["--listen", &listen, "--key", &key_s, "--peer-timeout", "30"],
+    )
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("migrate-recover on the target");
+    // The source's, once the target's listens.
+    let mut source_err = String::new();
+    let settled = wait_until(Duration::from_secs(20), || {
+        let out = recover_cmd(
+            Path::new("/run/migrun"),
+            &name,
+            A,
+            &["--peer", &listen, "--key", &key_s],
+        )
+        .output()
+        .expect("migrate-recover on the source");
+        source_err = String::from_utf8_lossy(&out.stderr).to_string();
+        out.status.success()
+    });
+    let target = target.wait_with_output().expect("target recover");
+    let target_err = String::from_utf8_lossy(&target.stderr);
+    assert!(settled, "source: {source_err}\ntarget: {target_err}");
+    assert!(target.status.success(), "target: {target_err}");
+    assert!(
+        wait_until(Duration::from_secs(10), || numbers(B, &name)
+            .last()
+            .is_some_and(|n| *n > last_on_a + 2)),
+        "{name} does not count on on B from {last_on_a}: {:?}",
+        numbers(B, &name)
+    );
+    assert!(
+        !docker(A, &["inspect", &name]).status.success(),
+        "A still holds {name}"
+    );
+    assert!(
+        journals(&target_root).is_empty(),
+        "{:?}",
+        journals(&target_root)
+    );
+}
+
+#[test]
+fn a_docker_target_cut_off_after_acknowledging_is_removed_by_migrate_recover() {
+    // migrate-in dies right after it acknowledged its restored copy: the
+    // source never committed and runs on; the target's copy (stopped in
+    // daemon B) goes when migrate-recover there names the source the
+    // winner.
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("tmp");
+    let key = pair_key(dir.path());
+    let name = unique_id("dmig-ack");
+    let _cleanup = Cleanup {
+        containers: vec![name.clone()],
+        images: vec![],
+    };
+    start_counter(&name, "busybox:local", "");
+    let child = migrate_in_with(
+        B,
+        &key,
+        port(9),
+        dir.path(),
+        &["--inject-fault", "crash@acknowledged"],
+    );
+    let out = migrate_out_cmd(A, &name, &key, port(9), dir.path())
+        .output()
+        .expect("migrate-out");
+    assert!(!out.status.success());
+    let _ = child.wait_with_output();
+    assert_counting_on_a(&name);
+    assert!(docker(B, &["inspect", &name]).status.success());
+    let target_root = dir.path().join(format!("root-{}", port(9)));
+    let out = recover_cmd(&target_root, &name, B, &["--winner", "source"])
+        .output()
+        .expect("migrate-recover");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        !docker(B, &["inspect", &name]).status.success(),
+        "B still holds {name}: {err}"
+    );
+    assert_counting_on_a(&name);
+    assert!(
+        journals(&target_root).is_empty(),
+        "{:?}",
+        journals(&target_root)
+    );
 }

@@ -311,6 +311,10 @@ pub enum Command {
         /// Seconds to wait for the peer
         #[arg(long, default_value_t = 10.0)]
         peer_timeout: f64,
+        /// Docker mode: ID is a container of the daemon at this address
+        /// (unix:///PATH), on either side
+        #[arg(long)]
+        docker_host: Option<String>,
     },
 }
 

@@ -147,6 +147,10 @@ pub struct Record {
     /// Docker mode: the daemon address.
     #[serde(default)]
     pub docker_host: Option<String>,
+    /// Docker mode, target: the container this side's daemon made (its id
+    /// there), which a recovery continues or removes.
+    #[serde(default)]
+    pub docker_container: Option<String>,
     /// The process that wrote the record.
     pub pid: u32,
 }
@@ -364,6 +368,7 @@ pub(crate) mod tests {
             scratch: None,
             cpu_limit: None,
             docker_host: None,
+            docker_container: None,
             pid: 1,
         }
     }

@@ -15,6 +15,7 @@ use std::time::Duration;
 use migrun_runtime::{checkpoint, lifecycle, StateRoot};
 use migrun_wire::{Channel, Message};
 
+use crate::docker::{self, Daemon};
 use crate::events::{Event, Events, Origin};
 use crate::journal::{self, Journal, Record, Role, Step, Winner};
 use crate::{MigrateError, Result};
@@ -34,6 +35,11 @@ pub struct RecoverOptions {
     pub winner: Option<Winner>,
     /// How long to wait for the peer.
     pub peer_timeout: Duration,
+    /// Docker mode: `id` names a container of the daemon at this address
+    /// (`unix:///PATH`), as `docker ps` shows it: on the source, its journal
+    /// is under the state root of the daemon's migrun runtime; on the
+    /// target, the migration that made it is found by the container.
+    pub docker_host: Option<String>,
     /// Where notices of what is done go.
     pub events: Events,
 }
@@ -87,7 +93,7 @@ pub async fn answer(
     };
     let whole = j.target_copy_whole() && peer.whole;
     if let Some(w) = journal::decide(peer.step, Some(j.step()), whole) {
-        settle(root, j, w, events)?;
+        settle(root, j, w, events).await?;
     }
     Ok(())
 }
@@ -99,6 +105,14 @@ pub async fn answer(
 /// steps first (a side that is settled, or could decide alone, still
 /// tells the other, which may need it), and both decide the same way.
 pub async fn recover(root: &StateRoot, opts: &RecoverOptions) -> Result<String> {
+    let (root, opts) = match &opts.docker_host {
+        Some(host) => {
+            let (root, id) = docker_side(root, host, &opts.id).await?;
+            (root, RecoverOptions { id, ..opts.clone() })
+        }
+        None => (root.clone(), opts.clone()),
+    };
+    let (root, opts) = (&root, &opts);
     let source = Journal::open(root.path(), Role::Source, &opts.id)?;
     let target = Journal::open(root.path(), Role::Target, &opts.id)?;
     let mut journals: Vec<Journal> = [source, target].into_iter().flatten().collect();
@@ -160,9 +174,38 @@ pub async fn recover(root: &StateRoot, opts: &RecoverOptions) -> Result<String> 
                     j.step().name()
                 ))
             })?;
-        done.push(settle(root, j, winner, &opts.events)?);
+        done.push(settle(root, j, winner, &opts.events).await?);
     }
     Ok(done.join("; "))
+}
+
+/// Docker mode: where the migration of the daemon's container `name` is
+/// journaled on this host, and the id both sides know it by (the source's).
+/// On the source that is the state root of the daemon's migrun runtime;
+/// on the target, `root` (migrate-in's), whose journal names the container.
+async fn docker_side(root: &StateRoot, host: &str, name: &str) -> Result<(StateRoot, String)> {
+    let daemon = Daemon::connect(host)?;
+    let c = daemon.container(name).await?;
+    let id = c["Id"].as_str().unwrap_or(name).to_string();
+    let pid = c["State"]["Pid"].as_i64().unwrap_or(0);
+    if pid > 0 {
+        let runtime = StateRoot::open(&docker::runtime_root(pid)?, false)?;
+        if Journal::open(runtime.path(), Role::Source, &id)?.is_some() {
+            return Ok((runtime, id));
+        }
+    }
+    let made_here = journal::all(root.path(), &Events::none())
+        .into_iter()
+        .find(|j| {
+            j.record().role == Role::Target && j.record().docker_container == Some(id.clone())
+        });
+    match made_here {
+        Some(j) => Ok((root.clone(), j.record().container.clone())),
+        None => Err(MigrateError::Source(format!(
+            "no migration of Docker container {name} to settle (neither under its daemon's migrun runtime nor under {})",
+            root.path().display()
+        ))),
+    }
 }
 
 /// The decision one side's journal makes alone, if any.
@@ -240,7 +283,12 @@ async fn exchange(opts: &RecoverOptions, j: Option<&Journal>) -> Result<Option<P
 }
 
 /// Applies `winner` to this side of the migration and settles its journal.
-fn settle(root: &StateRoot, mut j: Journal, winner: Winner, events: &Events) -> Result<String> {
+async fn settle(
+    root: &StateRoot,
+    mut j: Journal,
+    winner: Winner,
+    events: &Events,
+) -> Result<String> {
     let r = j.record().clone();
     let what = match (r.role, winner) {
         (Role::Source, Winner::Source) => {
@@ -253,6 +301,16 @@ fn settle(root: &StateRoot, mut j: Journal, winner: Winner, events: &Events) -> 
             if root.exists(&r.container) {
                 lifecycle::delete(root, &r.container, true)?;
             }
+            if let Some(host) = &r.docker_host {
+                // Its daemon's record of it goes too.
+                let removed = match Daemon::connect(host) {
+                    Ok(daemon) => daemon.remove(&r.container).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = removed {
+                    events.warn(Origin::MigrateRecover, e.to_string());
+                }
+            }
             j.set(Step::Released)?;
             format!(
                 "{} runs on the target; the copy here is removed",
@@ -260,7 +318,7 @@ fn settle(root: &StateRoot, mut j: Journal, winner: Winner, events: &Events) -> 
             )
         }
         (Role::Target, Winner::Source) => {
-            discard_target_copy(root, &r, events);
+            discard_target_copy(root, &r, events).await;
             j.set(Step::Aborted)?;
             format!(
                 "{} stays with the source; the copy here is removed",
@@ -274,7 +332,16 @@ fn settle(root: &StateRoot, mut j: Journal, winner: Winner, events: &Events) -> 
                     r.container
                 )));
             }
-            checkpoint::continue_container(root, &r.container)?;
+            match docker_copy(&r)? {
+                Some((daemon, cid)) => {
+                    // Restored by the daemon's migrun runtime, under its root.
+                    let running = daemon.container(&cid).await?;
+                    let pid = running["State"]["Pid"].as_i64().unwrap_or(0);
+                    let runtime = StateRoot::open(&docker::runtime_root(pid)?, false)?;
+                    checkpoint::continue_container(&runtime, &cid)?;
+                }
+                None => checkpoint::continue_container(root, &r.container)?,
+            }
             j.set(Step::Running)?;
             format!("{} runs here (the target)", r.container)
         }
@@ -344,8 +411,26 @@ fn end_orphan_dump(root: &StateRoot, id: &str, events: &Events) {
     }
 }
 
+/// The Docker daemon and the container it made for a Docker-mode target's
+/// record; `None` for a migrun container (or a Docker migration cut off
+/// before the container was made).
+fn docker_copy(r: &Record) -> Result<Option<(Daemon, String)>> {
+    match (&r.docker_host, &r.docker_container) {
+        (Some(host), Some(cid)) => Ok(Some((Daemon::connect(host)?, cid.clone()))),
+        _ => Ok(None),
+    }
+}
+
 /// Removes the target's copy of a migration and everything made for it.
-pub fn discard_target_copy(root: &StateRoot, r: &Record, events: &Events) {
+pub async fn discard_target_copy(root: &StateRoot, r: &Record, events: &Events) {
+    let in_docker = match docker_copy(r) {
+        Ok(Some((daemon, cid))) => daemon.remove(&cid).await,
+        Ok(None) => Ok(()),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = in_docker {
+        events.warn(Origin::Migrun, e.to_string());
+    }
     if r.docker_host.is_none() && root.exists(&r.container) {
         if let Err(e) = lifecycle::delete(root, &r.container, true) {
             events.warn(

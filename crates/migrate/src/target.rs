@@ -196,6 +196,14 @@ impl Endpoint {
         }
     }
 
+    /// Writes what this mode made that a recovery must find (the Docker
+    /// container's id in the daemon here) into the journal's record.
+    fn note(&self, r: &mut Record) {
+        if let Endpoint::Docker(dock) = self {
+            r.docker_container = dock.container.clone();
+        }
+    }
+
     /// Removes what this mode made for a migration that failed before its
     /// acknowledgement.
     async fn undo(&mut self, pending: &Path, events: &Events) {
@@ -509,7 +517,7 @@ fn owner_pid(name: &str) -> Option<u32> {
 /// for `migrun migrate-recover`; settled journals go. Scratch directories
 /// of dead processes (`incoming-<pid>-…`) go too: they never hold a
 /// container's bundle.
-fn clean_stale(root: &StateRoot, opts: &InOptions) {
+async fn clean_stale(root: &StateRoot, opts: &InOptions) {
     for j in journal::all(root.path(), &opts.events) {
         let r = j.record().clone();
         if r.role != Role::Target {
@@ -523,7 +531,7 @@ fn clean_stale(root: &StateRoot, opts: &InOptions) {
             opts.events.emit(Event::StaleUndone {
                 container: r.container.clone(),
             });
-            crate::recover::discard_target_copy(root, &r, &opts.events);
+            crate::recover::discard_target_copy(root, &r, &opts.events).await;
             j.remove();
         } else {
             opts.events.emit(Event::StaleInDoubt {
@@ -580,7 +588,7 @@ fn clean_stale(root: &StateRoot, opts: &InOptions) {
 /// Serves migrations on `opts.listen`; returns after one with `--once`.
 pub async fn migrate_in(root: &StateRoot, opts: &InOptions) -> Result<()> {
     let mut interrupts = Interrupts::listen()?;
-    clean_stale(root, opts);
+    clean_stale(root, opts).await;
     clean_docker_pending(opts).await;
     let key = migrun_wire::load_key(&opts.key)?;
     let listener = tokio::net::TcpListener::bind(&opts.listen)
@@ -850,6 +858,7 @@ async fn on_start(
             scratch: Some(inc.scratch.clone()),
             cpu_limit: None,
             docker_host: opts.docker_host.clone(),
+            docker_container: None,
             pid: std::process::id(),
         },
     )?;
@@ -876,7 +885,9 @@ async fn on_start(
     fs::create_dir_all(bundle.join("rootfs"))
         .map_err(|e| MigrateError::Target(format!("{}: {e}", bundle.display())))?;
     let endpoint = Endpoint::prepare(root, opts, ch, trees, &v, (&bundle, &inc.scratch)).await?;
+    let noted = inc.machine()?.journal_mut().update(|r| endpoint.note(r));
     inc.endpoint = Some(endpoint);
+    noted?;
     let rootfs_bytes = data_bytes(&v["rootfs"]);
     opts.events.emit(Event::Receiving {
         container: container_id.clone(),
@@ -982,11 +993,15 @@ async fn receive_into(
             Message::ImageChunk { offset, data } => trees.image_chunk(offset, &data)?,
             Message::ImageDone { size } => {
                 let tar = trees.image_done(size)?;
-                let endpoint = inc
+                let mut endpoint = inc
                     .endpoint
-                    .as_mut()
+                    .take()
                     .ok_or_else(|| MigrateError::Protocol("an image before start".into()))?;
-                endpoint.image_arrived(&tar, opts, ch, &mut trees).await?;
+                let arrived = endpoint.image_arrived(&tar, opts, ch, &mut trees).await;
+                let noted = inc.machine()?.journal_mut().update(|r| endpoint.note(r));
+                inc.endpoint = Some(endpoint);
+                arrived?;
+                noted?;
             }
             Message::RoundDone { round, stats } => {
                 tracing::info!(round, pages = stats.pages_sent, "round done");

@@ -121,6 +121,7 @@ pub fn dispatch(cli: Cli) -> Result<i32> {
             key,
             winner,
             peer_timeout,
+            docker_host,
         } => migrate::migrate_recover(
             &root,
             migrun_migrate::recover::RecoverOptions {
@@ -136,6 +137,7 @@ pub fn dispatch(cli: Cli) -> Result<i32> {
                     }
                 }),
                 peer_timeout: migrate::seconds(peer_timeout, "--peer-timeout")?,
+                docker_host,
                 events: crate::render::stderr_events(),
             },
         ),
