@@ -362,9 +362,12 @@ pub async fn migrate_in(root: &StateRoot, opts: &InOptions) -> Result<()> {
         .await
         .map_err(|e| MigrateError::Target(format!("listen on {}: {e}", opts.listen)))?;
     eprintln!("migrate-in: listening on {}", opts.listen);
+    // Before `Start` a source may be silent long (it hashes layers): its
+    // host and the network still answer TCP keep-alive within this.
+    let wire = migrun_wire::Config::default().with_keepalive(Some(opts.peer_timeout));
     loop {
         let accepted = tokio::select! {
-            a = migrun_wire::accept(&listener, &key) => a,
+            a = migrun_wire::accept_with(&listener, &key, &wire) => a,
             sig = interrupts.next() => {
                 eprintln!("migrate-in: {sig}: no migration in progress; exiting");
                 return Ok(());
