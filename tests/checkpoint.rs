@@ -372,3 +372,54 @@ fn bad_images_restore_nothing() {
         "cgroup left after failed restore"
     );
 }
+
+/// `checkpoint` of a container with a SIGSTOPped process under a cgroup v1
+/// freezer is refused at once, saying which process (CRIU's attach to it,
+/// frozen, would wait for good); the container runs on, its process still
+/// stopped.
+#[test]
+fn checkpoint_of_a_container_with_a_stopped_process_is_refused_at_once() {
+    if !std::path::Path::new("/sys/fs/cgroup/freezer").is_dir() {
+        println!("skipped: no cgroup v1 freezer on this host");
+        return;
+    }
+    let m = Migrun::new();
+    let id = unique_id("cr-stopped");
+    let b = Bundle::new(&["sh", "-c", "sleep 600 & exec sleep 700"]);
+    m.ok_quiet(&["run", "-d", "-b", path(b.path()), &id]);
+    let mut stopped = None;
+    assert!(wait_until(Duration::from_secs(5), || {
+        stopped = processes_rooted_at(&b.rootfs()).into_iter().find(|p| {
+            fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| c == b"sleep\x00600\x00")
+        });
+        stopped.is_some()
+    }));
+    let pid = nix::unistd::Pid::from_raw(stopped.expect("sleep 600"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+    let state = || {
+        fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit_once(')')
+                    .map(|(_, r)| r.trim_start().starts_with('T'))
+            })
+            .unwrap_or(false)
+    };
+    assert!(wait_until(Duration::from_secs(5), state));
+    let images = tempfile::tempdir().expect("tmp");
+    let t = std::time::Instant::now();
+    let err = m.fails(&["checkpoint", "--image-path", path(images.path()), &id]);
+    assert!(
+        err.contains(&format!("process {pid} (sleep)")) && err.contains("is stopped"),
+        "{err}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(m.status(&id), "running");
+    assert!(state(), "the stopped process was continued");
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT);
+    m.ok(&["delete", "-f", &id]);
+}

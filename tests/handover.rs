@@ -1,7 +1,7 @@
 //! The hand-over never loses a container, nor leaves two: faults injected
 //! at every step of both sides (crash, connection dropped), a real silent
-//! partition, SIGINT during the freeze, and two migrations in a row into
-//! one target. After each, `migrate-recover` where the journals call for
+//! partition at every step of both sides, SIGINT during the freeze, and
+//! two migrations in a row into one target. After each, `migrate-recover` where the journals call for
 //! it; then exactly one copy runs, its memory intact (the dirtier's
 //! pattern check), and nothing is left behind.
 
@@ -355,32 +355,81 @@ impl Drop for Partition {
     }
 }
 
+/// The file whose removal lets a side held by `--inject-fault hold@STEP`
+/// go on (`hold_file` of crates/migrate/src/fault.rs): `$TMPDIR/migrun-hold-PID`,
+/// PID the held process (its journal's `pid`).
+fn hold_file(pid: u64) -> PathBuf {
+    std::env::temp_dir().join(format!("migrun-hold-{pid}"))
+}
+
+/// The silent partitions: the side whose journal step cuts the network,
+/// the step, and whether that side holds there (`--inject-fault
+/// hold@STEP`) until the partition is in place. Every step of both sides
+/// held: the cut falls right after the step is journaled, before the
+/// message that follows it leaves (steps that pass in milliseconds can
+/// only be caught so). The source's longer steps also unheld: the cut
+/// falls somewhere in the step, messages on their way.
+const PARTITIONS: [(&str, &str, bool); 14] = [
+    ("source", "precopy", false),
+    ("source", "precopy", true),
+    ("source", "frozen", false),
+    ("source", "frozen", true),
+    ("source", "dumped", true),
+    ("source", "sent", false),
+    ("source", "sent", true),
+    ("source", "committed", false),
+    ("source", "committed", true),
+    ("source", "released", true),
+    ("target", "receiving", true),
+    ("target", "acknowledged", true),
+    ("target", "continued", true),
+    ("target", "running", true),
+];
+
+/// Seconds after the partition by which each side must have given up (or
+/// finished): the peer time-out, a few of its rounds, and slack.
+const GIVES_UP_WITHIN: f64 = 3.0 * PEER_TIMEOUT as f64 + 6.0;
+
+/// Waits up to `limit` for `child` to exit; when it did, if it did.
+fn exited_within(child: &mut Child, limit: Duration) -> Option<Instant> {
+    wait_until(limit, || matches!(child.try_wait(), Ok(Some(_)))).then(Instant::now)
+}
+
 #[test]
 fn silent_partition_at_each_step_is_settled_and_during_the_freeze_rolls_back_in_time() {
     let mut rows = Vec::new();
     let mut failures = Vec::new();
-    for (role, step) in [
-        ("source", "precopy"),
-        ("source", "frozen"),
-        ("source", "sent"),
-        // (The target's own steps pass in milliseconds: too brief to
-        // partition from outside; the fault matrix covers them.)
-        ("source", "committed"),
-    ] {
+    for (role, step, held) in PARTITIONS {
         let dir = tempfile::tempdir().expect("tmp");
         let key = pair_key(dir.path());
         let (src, id, b) = running_dirtier("part");
         let to = peer_timeout_arg();
-        let mut target =
-            Target::start_full(Migrun::new(), &key, &[], &["--peer-timeout", &to], None);
+        let hold = format!("hold@{step}");
+        let mut in_args = vec!["--peer-timeout", &to];
+        // Slow enough that each step lasts a while: 40 Mbit/s, and
+        // stop-and-copy but for the pre-copy case. (A held side waits.)
+        let mut out_args = vec!["--peer-timeout", &to];
+        match (step, held) {
+            ("precopy", false) => out_args.extend(["--bandwidth", "40"]),
+            ("precopy", true) => {}
+            (_, false) => out_args.extend(["--no-precopy", "--bandwidth", "40"]),
+            (_, true) => out_args.push("--no-precopy"),
+        }
+        if held {
+            let args = if role == "source" {
+                &mut out_args
+            } else {
+                &mut in_args
+            };
+            args.extend(["--inject-fault", &hold]);
+        }
+        let mut target = Target::start_full(Migrun::new(), &key, &[], &in_args, None);
         let port = target
             .addr
             .rsplit(':')
             .next()
             .unwrap_or_default()
             .to_string();
-        // Slow enough that each step lasts a while: 40 Mbit/s, and
-        // stop-and-copy but for the pre-copy case.
         let watch_root = if role == "source" {
             src.root().to_path_buf()
         } else {
@@ -390,54 +439,92 @@ fn silent_partition_at_each_step_is_settled_and_during_the_freeze_rolls_back_in_
         let step_s = step.to_string();
         let role_s = role.to_string();
         let watcher = std::thread::spawn(move || {
+            let mut holder = None;
             let hit = wait_until(Duration::from_secs(60), || {
-                step_of(&watch_root, &role_s, &watch_id) == step_s
+                let Some(j) = journal(&watch_root, &role_s, &watch_id) else {
+                    return false;
+                };
+                holder = j["pid"].as_u64().filter(|_| held);
+                j["step"].as_str() == Some(step_s.as_str())
+                    && (!held || holder.is_some_and(|pid| hold_file(pid).exists()))
             });
-            hit.then(|| (Partition::new(&port), Instant::now()))
+            hit.then(|| {
+                let partition = Partition::new(&port);
+                let at = Instant::now();
+                // Let the held side go on, into the dead network.
+                if let Some(pid) = holder {
+                    let _ = fs::remove_file(hold_file(pid));
+                }
+                (partition, at)
+            })
         });
         let (ok, err, _) = migrate_out_with(
             &src,
             &id,
             &target,
             &key,
-            &if step == "precopy" {
-                vec!["--peer-timeout", &to, "--bandwidth", "40"]
-            } else {
-                vec!["--peer-timeout", &to, "--no-precopy", "--bandwidth", "40"]
-            },
+            &out_args,
             &[],
             Duration::from_secs(90),
         );
-        let ended = Instant::now();
+        let out_ended = Instant::now();
+        let in_ended = exited_within(&mut target.child, Duration::from_secs(30));
         let partition = watcher.join().expect("watcher");
         let Some((partition, at)) = partition else {
-            failures.push(format!("{role} never reached {step}: {err}"));
+            failures.push(format!(
+                "{role} never reached {step}: {err}\n{}",
+                target.log()
+            ));
             continue;
         };
-        let detected = ended.duration_since(at).as_secs_f64();
-        let _ = target.finish();
+        let secs = |t: Instant| t.saturating_duration_since(at).as_secs_f64();
+        let out_after = secs(out_ended);
         drop(partition);
         let o = settle_and_check(&src, &mut target, &id, &b, &key);
         let mut problems = o.problems;
+        if out_after > GIVES_UP_WITHIN {
+            problems.push(format!(
+                "migrate-out hung: ended {out_after:.1} s after the partition"
+            ));
+        }
+        let in_after = match in_ended {
+            Some(t) if secs(t) <= GIVES_UP_WITHIN => format!("{:>4.1} s", secs(t)),
+            Some(t) => {
+                problems.push(format!(
+                    "migrate-in hung: ended {:.1} s after the partition",
+                    secs(t)
+                ));
+                format!("{:>4.1} s", secs(t))
+            }
+            None => {
+                problems.push("migrate-in hung: still running 30 s after migrate-out ended".into());
+                "never".into()
+            }
+        };
         if step == "frozen" {
             // Rolled back within the peer time-out and 5 s.
-            if ok || detected > PEER_TIMEOUT as f64 + 5.0 || o.running_on != "source" {
+            if ok || out_after > PEER_TIMEOUT as f64 + 5.0 || o.running_on != "source" {
                 problems.push(format!(
-                    "partition during the freeze: migrate-out {} after {detected:.1} s, runs on {}",
+                    "partition during the freeze: migrate-out {} after {out_after:.1} s, runs on {}",
                     if ok { "succeeded" } else { "failed" },
                     o.running_on
                 ));
             }
         }
+        let at_step = format!("{step}{}", if held { " (held)" } else { "" });
         let row = format!(
-            "partition at {role} {step:<13} detected after {detected:>4.1} s, runs on {:<7} memory {:<8} {}{}",
+            "partition at {role} {at_step:<19} migrate-out {:<6} after {out_after:>4.1} s, migrate-in after {in_after}, runs on {:<7} memory {:<8} {}{}",
+            if ok { "ok" } else { "failed" },
             o.running_on,
             o.memory,
             if problems.is_empty() { "ok" } else { "FAIL " },
             problems.join("; ")
         );
         if !problems.is_empty() {
-            failures.push(format!("{row}\n    ({err})"));
+            failures.push(format!(
+                "{row}\n    (migrate-out: {err})\n    (migrate-in: {})",
+                target.log()
+            ));
         }
         rows.push(row);
     }

@@ -583,3 +583,135 @@ fn overlay_rootfs_syncs_its_upper_dir_and_sends_each_layer_once() {
     assert_eq!(target2.m.status(&id2), "running");
     target2.m.ok(&["delete", "-f", &id2]);
 }
+
+/// The state letter of process `pid` (`T` stopped), from /proc.
+fn proc_state(pid: i32) -> Option<char> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
+/// SIGSTOPs the one `sleep` of the container of `rootfs`; returns its pid.
+fn stop_the_sleep(rootfs: &Path) -> i32 {
+    let sleeps: Vec<i32> = migrun_tests::processes_rooted_at(rootfs)
+        .into_iter()
+        .filter(|p| {
+            fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "sleep")
+        })
+        .collect();
+    let [sleep] = sleeps[..] else {
+        panic!("expected one sleep in the container, found {sleeps:?}");
+    };
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(sleep),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .expect("SIGSTOP");
+    assert!(wait_until(Duration::from_secs(5), || proc_state(sleep) == Some('T')));
+    sleep
+}
+
+/// A container with a SIGSTOPped process cannot be dumped frozen by a
+/// cgroup v1 freezer (ptrace's attach to a stopped task of a v1-frozen
+/// cgroup waits for good; CRIU hung, and migrate-out with it): stopped
+/// before migrate-out, it is refused at once; stopped during the pre-copy,
+/// the dump refuses it and the migration rolls back. Either way quickly,
+/// with an error that says why, and the source runs on as it was (its
+/// stopped process still stopped, its memory intact), nothing left on the
+/// target. (A v2 freezer lets ptrace take the stopped task: not refused.)
+#[test]
+fn container_with_a_stopped_process_is_refused_quickly_and_runs_on() {
+    if !Path::new("/sys/fs/cgroup/freezer").is_dir() {
+        println!("skipped: no cgroup v1 freezer on this host");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    let key = pair_key(dir.path());
+    for when in ["before", "during the pre-copy"] {
+        let src = Migrun::new();
+        let id = unique_id("mig-stopped");
+        let b = Bundle::new(&["sh", "-c", "sleep 600 & exec /dirtier 16 2"]);
+        b.install_program("dirtier");
+        src.ok_quiet(&["run", "-d", "-b", path(b.path()), &id]);
+        assert_eq!(
+            check_memory(&b.rootfs(), "", Duration::from_secs(30)),
+            "ok 16"
+        );
+        let mut target = Target::start(&key);
+        let stopper = (when != "before").then(|| {
+            let journal = src
+                .root()
+                .join(".migrations")
+                .join(format!("source-{id}.json"));
+            let rootfs = b.rootfs();
+            std::thread::spawn(move || {
+                assert!(
+                    wait_until(Duration::from_secs(30), || journal.exists()),
+                    "migrate-out never started"
+                );
+                stop_the_sleep(&rootfs)
+            })
+        });
+        let stopped_before = (when == "before").then(|| stop_the_sleep(&b.rootfs()));
+        let t = std::time::Instant::now();
+        let (ok, err, _) = migrate_out_with(
+            &src,
+            &id,
+            &target,
+            &key,
+            &["--bandwidth", "40"],
+            &[],
+            Duration::from_secs(60),
+        );
+        let took = t.elapsed();
+        let sleep = stopped_before
+            .or_else(|| stopper.map(|s| s.join().expect("stopper")))
+            .expect("a stopped sleep");
+        println!(
+            "stopped {when}: migrate-out failed in {took:.1?}: {}",
+            err.trim_end().lines().last().unwrap_or_default()
+        );
+        assert!(!ok, "stopped {when}: migrate-out succeeded: {err}");
+        assert!(
+            err.contains(&format!("process {sleep} (sleep)")) && err.contains("is stopped"),
+            "stopped {when}: {err}"
+        );
+        assert!(
+            took < Duration::from_secs(20),
+            "stopped {when}: took {took:?}: {err}"
+        );
+        // The source runs on, as it was.
+        assert_eq!(src.status(&id), "running", "stopped {when}");
+        assert_eq!(proc_state(sleep), Some('T'), "stopped {when}: the sleep");
+        assert_eq!(
+            check_memory(&b.rootfs(), "", Duration::from_secs(30)),
+            "ok 16",
+            "stopped {when}"
+        );
+        assert!(
+            !src.root()
+                .join(".migrations")
+                .join(format!("source-{id}.json"))
+                .exists(),
+            "stopped {when}: a source journal is left"
+        );
+        // Nothing on the target: its migrate-in undid what it had made
+        // (refused before, migrate-out never connected).
+        if stopped_before.is_some() {
+            let _ = target.child.kill();
+            let _ = target.child.wait();
+        } else {
+            target.finish();
+        }
+        assert!(
+            target.leftovers().is_empty(),
+            "stopped {when}: left on the target: {:?}\n{}",
+            target.leftovers(),
+            target.log()
+        );
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(sleep),
+            nix::sys::signal::Signal::SIGCONT,
+        );
+        src.ok(&["delete", "-f", &id]);
+    }
+}

@@ -248,7 +248,7 @@ pub enum Command {
         /// counts as lost
         #[arg(long, default_value_t = 10.0)]
         peer_timeout: f64,
-        /// Tests only: ACTION@STEP (crash, drop, stall; a journal step)
+        /// Tests only: ACTION@STEP (crash, drop, stall, hold; a journal step)
         #[arg(long, hide = true)]
         inject_fault: Option<String>,
     },
@@ -288,7 +288,7 @@ pub enum Command {
         /// send) before it counts as lost
         #[arg(long, default_value_t = 10.0)]
         peer_timeout: f64,
-        /// Tests only: ACTION@STEP (crash, drop, stall; a journal step)
+        /// Tests only: ACTION@STEP (crash, drop, stall, hold; a journal step)
         #[arg(long, hide = true)]
         inject_fault: Option<String>,
     },

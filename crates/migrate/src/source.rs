@@ -688,6 +688,8 @@ async fn migrate(
             opts.id
         )));
     }
+    // A stopped process its dump would refuse (v1 freezer): now, not after the pre-copy.
+    checkpoint::refuse_stopped_processes(&container)?;
     let bundle = container.bundle().clone();
     let spec = load_bundle_spec(&bundle)?;
     let config = fs::read_to_string(bundle.join("config.json"))

@@ -597,9 +597,12 @@ pub async fn migrate_in(root: &StateRoot, opts: &InOptions) -> Result<()> {
     opts.events.emit(Event::Listening {
         addr: opts.listen.clone(),
     });
+    // Before `Start` a source may be silent long (it hashes layers): its
+    // host and the network still answer TCP keep-alive within this.
+    let wire = migrun_wire::Config::default().with_keepalive(Some(opts.peer_timeout));
     loop {
         let accepted = tokio::select! {
-            a = migrun_wire::accept(&listener, &key) => a,
+            a = migrun_wire::accept_with(&listener, &key, &wire) => a,
             sig = interrupts.next() => {
                 opts.events.emit(Event::InterruptedIdle { signal: sig });
                 return Ok(());

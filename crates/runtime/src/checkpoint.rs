@@ -496,7 +496,9 @@ pub fn checkpoint(root: &StateRoot, opts: &CheckpointOptions) -> Result<()> {
     if was_running {
         lifecycle::pause(root, &opts.id)?;
     }
-    let dumped = migrun_criu::dump(&bin, &req);
+    // Stopped since `dump_request` looked: frozen, none can stop any more.
+    let dumped = refuse_stopped_processes(&container)
+        .and_then(|()| migrun_criu::dump(&bin, &req).map_err(RuntimeError::from));
     if was_running && (dumped.is_err() || opts.leave_running) {
         lifecycle::resume(root, &opts.id)?;
     }
@@ -512,8 +514,53 @@ pub fn checkpoint(root: &StateRoot, opts: &CheckpointOptions) -> Result<()> {
     Ok(())
 }
 
+/// Refuses a container with a stopped process (SIGSTOP, SIGTSTP) whose
+/// freezer is cgroup v1. Its dump runs frozen, and ptrace's attach to a
+/// stopped task of a v1-frozen cgroup waits for the task to leave its
+/// stop, which it cannot do frozen: CRIU would hang for good, the
+/// container frozen. (The v2 freezer lets the task trap for ptrace: CRIU
+/// dumps it, stopped.)
+pub fn refuse_stopped_processes(container: &Container) -> Result<()> {
+    if freezer_dir(container).is_none() {
+        return Ok(());
+    }
+    for pid in lifecycle::container_pids(container)? {
+        let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue; // gone meanwhile
+        };
+        if tasks.flatten().any(|t| task_stopped(&t.path())) {
+            let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            return Err(RuntimeError::Unsupported(format!(
+                "process {pid} ({}) of container {} is stopped (SIGSTOP or SIGTSTP): CRIU cannot dump a stopped process in a cgroup v1 freezer (it would wait for it for good); let it continue (kill -CONT {pid}) and try again",
+                comm.trim(),
+                container.id()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Whether the task at `/proc/PID/task/TID` is in a group stop: state `T`,
+/// or, frozen by a v1 freezer (which reports every frozen task as `D`
+/// where it sleeps), sleeping in the kernel's `do_signal_stop`.
+fn task_stopped(task: &Path) -> bool {
+    let state = fs::read_to_string(task.join("stat")).ok().and_then(|stat| {
+        // The state follows the command, which ends at the last ')'.
+        let (_, rest) = stat.rsplit_once(')')?;
+        rest.trim_start().chars().next()
+    });
+    match state {
+        Some('T') => true,
+        Some('D') => {
+            fs::read_to_string(task.join("wchan")).is_ok_and(|w| w.trim() == "do_signal_stop")
+        }
+        _ => false,
+    }
+}
+
 /// The CRIU dump request for `container` with runc's `checkpoint` options;
-/// also records the container's stdio in the image directory.
+/// also records the container's stdio in the image directory. Refuses a
+/// container with a stopped process ([`refuse_stopped_processes`]).
 pub fn dump_request(
     root: &StateRoot,
     container: &Container,
@@ -524,6 +571,7 @@ pub fn dump_request(
     let pid = container.pid().ok_or_else(|| {
         RuntimeError::InvalidInput(format!("container {} has no pid", container.id()))
     })?;
+    refuse_stopped_processes(container)?;
     migrun_criu::images::save_descriptors(image_path, pid.as_raw())?;
     let network_lock_skip = loopback_only(pid.as_raw());
     if network_lock_skip {
@@ -997,4 +1045,32 @@ pub fn restore_with_stdio(
         fs::write(pid_file, pid.to_string()).ctx(|| format!("write {}", pid_file.display()))?;
     }
     Ok(container)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stopped_task_is_told_from_a_running_one() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        let pid = Pid::from_raw(child.id() as i32);
+        let task = PathBuf::from(format!("/proc/{pid}/task/{pid}"));
+        let waited = |want: bool| {
+            (0..200).any(|_| {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                task_stopped(&task) == want
+            })
+        };
+        assert!(waited(false), "a sleeping task counts as stopped");
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+        assert!(waited(true), "a SIGSTOPped task does not count as stopped");
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).expect("SIGCONT");
+        assert!(waited(false), "a continued task still counts as stopped");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
 }

@@ -145,6 +145,11 @@ pub struct Config {
     /// The cipher we prefer; `None` picks by the CPU ([`Cipher::preferred`]).
     /// AES-256-GCM is used only if both peers prefer it.
     pub cipher: Option<Cipher>,
+    /// TCP keep-alive: after this much silence the peer's host is probed,
+    /// and the connection fails once it stops answering for about as
+    /// long again (a dead host or network; a busy peer's kernel answers).
+    /// `None`: the system's defaults (no probes). TCP connections only.
+    pub keepalive: Option<Duration>,
     /// The protocol version announced; only tests change it.
     #[doc(hidden)]
     pub protocol_version: u16,
@@ -157,6 +162,7 @@ impl Default for Config {
             recv_timeout: Some(DEFAULT_RECV_TIMEOUT),
             bandwidth_mbit: None,
             cipher: None,
+            keepalive: None,
             protocol_version: PROTOCOL_VERSION,
         }
     }
@@ -186,6 +192,30 @@ impl Config {
         self.cipher = cipher;
         self
     }
+
+    /// Sets [`Config::keepalive`].
+    pub fn with_keepalive(mut self, idle: Option<Duration>) -> Config {
+        self.keepalive = idle;
+        self
+    }
+}
+
+/// Turns on TCP keep-alive on `stream`: probes after `idle` of silence,
+/// every third of it (a second at least), three unanswered ones and the
+/// connection fails. The same bound holds while data of ours waits
+/// unacknowledged (when keep-alive does not probe): TCP's user time-out.
+fn set_keepalive(stream: &TcpStream, idle: Duration) -> std::io::Result<()> {
+    let second = Duration::from_secs(1);
+    let idle = idle.max(second);
+    let interval = (idle / 3).max(second);
+    let sock = socket2::SockRef::from(stream);
+    sock.set_tcp_keepalive(
+        &socket2::TcpKeepalive::new()
+            .with_time(idle)
+            .with_interval(interval)
+            .with_retries(3),
+    )?;
+    sock.set_tcp_user_timeout(Some(idle + interval * 3))
 }
 
 /// Connects to a target at `addr` as the client, with default settings.
@@ -242,6 +272,9 @@ pub async fn establish_tcp(
     config: &Config,
 ) -> Result<Channel> {
     stream.set_nodelay(true)?;
+    if let Some(idle) = config.keepalive {
+        set_keepalive(&stream, idle)?;
+    }
     let peer = stream.peer_addr().ok();
     let (r, w) = stream.into_split();
     let ephemeral = crypto::Ephemeral::generate()?;
@@ -372,4 +405,40 @@ pub(crate) async fn read_full<R: AsyncRead + Unpin + ?Sized>(
         filled += n;
     }
     Ok(filled)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn keepalive_probes_a_silent_peer_and_bounds_unacknowledged_data() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let (server, _) = accepted.expect("accept");
+        let _client = client.expect("connect");
+        set_keepalive(&server, Duration::from_secs(6)).expect("keepalive");
+        let sock = socket2::SockRef::from(&server);
+        assert!(sock.keepalive().expect("SO_KEEPALIVE"));
+        assert_eq!(
+            sock.tcp_keepalive_time().expect("idle"),
+            Duration::from_secs(6)
+        );
+        assert_eq!(
+            sock.tcp_keepalive_interval().expect("interval"),
+            Duration::from_secs(2)
+        );
+        assert_eq!(sock.tcp_keepalive_retries().expect("count"), 3);
+        assert_eq!(
+            sock.tcp_user_timeout().expect("user timeout"),
+            Some(Duration::from_secs(12))
+        );
+        // Under a second: whole seconds, as TCP counts them.
+        set_keepalive(&server, Duration::from_millis(200)).expect("keepalive");
+        assert_eq!(
+            sock.tcp_keepalive_time().expect("idle"),
+            Duration::from_secs(1)
+        );
+    }
 }
