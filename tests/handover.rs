@@ -166,6 +166,19 @@ struct Outcome {
 
 /// Checks the rule after a migration of `id` that was cut somewhere:
 /// exactly one copy runs, not frozen, its memory intact, nothing left.
+/// The v1 freezer state of the cgroup of process `pid` ("" if none).
+fn freezer_state(pid: i64) -> String {
+    let cgroups = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    cgroups
+        .lines()
+        .find_map(|l| l.split_once(":freezer:").map(|(_, path)| path.to_string()))
+        .and_then(|path| {
+            fs::read_to_string(format!("/sys/fs/cgroup/freezer{path}/freezer.state")).ok()
+        })
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
 fn settle_and_check(
     src: &Migrun,
     target: &mut Target,
@@ -175,6 +188,22 @@ fn settle_and_check(
 ) -> Outcome {
     let _ = target.finish();
     let mut problems = Vec::new();
+    // In doubt or cut off after the freeze, the source's copy stays frozen
+    // (its CRIU dump gone or not) until the hand-over is settled.
+    let source_step = journal(src.root(), "source", id)
+        .and_then(|j| j["step"].as_str().map(String::from))
+        .unwrap_or_default();
+    if ["frozen", "dumped", "sent", "committed"].contains(&source_step.as_str()) {
+        let freezer = src.state(id)["pid"]
+            .as_i64()
+            .map(freezer_state)
+            .unwrap_or_default();
+        if freezer != "FROZEN" {
+            problems.push(format!(
+                "the source's copy, {source_step} and not settled, is {freezer:?}, not frozen"
+            ));
+        }
+    }
     if journal(src.root(), "source", id).is_some()
         || journal(target.m.root(), "target", id).is_some()
     {
