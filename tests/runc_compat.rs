@@ -1,0 +1,180 @@
+//! Where tools written for runc look (issue 16): each case runs against
+//! migrun and, when runc is installed, against runc in the same test; the
+//! output shows both results side by side, and the test fails when
+//! migrun's does. runc's result is the reference, never a failure.
+
+use std::fs;
+use std::io::Write;
+use std::path::Path;
+use std::process::Output;
+
+use migrun_tests::{unique_id, Bundle, Migrun};
+use serde_json::Value;
+
+/// What a case found: `Ok` with a short summary, or `Err` with what was wrong.
+type Verdict = Result<String, String>;
+
+/// The runtimes under test: migrun, then runc if it is installed.
+fn runtimes() -> Vec<Migrun> {
+    let mut all = vec![Migrun::new()];
+    all.extend(Migrun::runc());
+    all
+}
+
+/// Writes straight to standard error, past the test harness's capture, so
+/// that the comparison is in the output of a passing run too.
+fn show(text: &str) {
+    let _ = std::io::stderr().write_all(text.as_bytes());
+}
+
+/// Runs `case` against each runtime, prints the results side by side and
+/// panics if migrun's is an `Err`.
+fn compare(name: &str, case: impl Fn(&Migrun) -> Verdict) {
+    let mut table = format!("runc-compat {name}:\n");
+    let mut migrun = None;
+    let all = runtimes();
+    for rt in &all {
+        let verdict = case(rt);
+        let (mark, text) = match &verdict {
+            Ok(s) => ("ok  ", s.as_str()),
+            Err(e) => ("FAIL", e.as_str()),
+        };
+        table.push_str(&format!("  {:<6} {mark} {text}\n", rt.name()));
+        if rt.name() == "migrun" {
+            migrun = Some(verdict);
+        }
+    }
+    if all.len() == 1 {
+        table.push_str("  runc   (not installed: skipped)\n");
+    }
+    show(&table);
+    if let Some(Err(e)) = migrun {
+        panic!("{name}: migrun: {e}");
+    }
+}
+
+/// `Err` with `what` and the output unless `out` succeeded.
+fn succeeded(out: &Output, what: &str) -> Result<(), String> {
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what}: exit {:?}: {}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// The state of `id`, or `Err`.
+fn state(rt: &Migrun, id: &str) -> Result<Value, String> {
+    let out = rt.run(&["state", id]);
+    succeeded(&out, "state")?;
+    serde_json::from_slice(&out.stdout).map_err(|e| format!("state json: {e}"))
+}
+
+/// The status of `id` ("" when it has none).
+fn status(rt: &Migrun, id: &str) -> String {
+    state(rt, id)
+        .ok()
+        .and_then(|s| s["status"].as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// The base name of a bundle directory, to name it relatively from its parent.
+fn base_name(path: &Path) -> &str {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .expect("utf-8 bundle name")
+}
+
+/// The canonical path of `path`, as text.
+fn canonical(path: &Path) -> String {
+    fs::canonicalize(path)
+        .expect("canonicalize")
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Checks a created container: status, its bundle recorded absolute, and
+/// the pid file (at `pid_file`) naming its init.
+fn check_created(rt: &Migrun, id: &str, bundle: &Path, pid_file: &Path) -> Verdict {
+    let st = state(rt, id)?;
+    if st["status"] != "created" {
+        return Err(format!("status {} after create", st["status"]));
+    }
+    if st["bundle"] != canonical(bundle).as_str() {
+        return Err(format!("bundle recorded as {}", st["bundle"]));
+    }
+    let pid = fs::read_to_string(pid_file)
+        .map_err(|e| format!("pid file {}: {e}", pid_file.display()))?;
+    if Some(pid.trim()) != st["pid"].as_i64().map(|p| p.to_string()).as_deref() {
+        return Err(format!("pid file says {pid}, state {}", st["pid"]));
+    }
+    Ok(format!(
+        "created, bundle {}, pid file {}",
+        st["bundle"],
+        pid_file.display()
+    ))
+}
+
+#[test]
+fn create_in_the_bundle_directory() {
+    // runc's canonical use: `runc spec; runc create ID` inside the bundle.
+    compare("create in the bundle (no -b), relative --pid-file", |rt| {
+        let id = unique_id(&format!("{}-cwd", rt.name()));
+        let b = Bundle::new(&["sleep", "60"]);
+        let out = rt.run_in(b.path(), &["create", "--pid-file", "init.pid", &id]);
+        succeeded(&out, "create")?;
+        let verdict = check_created(rt, &id, b.path(), &b.path().join("init.pid"));
+        let _ = rt.run(&["delete", "-f", &id]);
+        verdict
+    });
+}
+
+#[test]
+fn create_and_run_with_a_relative_bundle() {
+    compare("create -b DIR / run -b DIR relative", |rt| {
+        let parent = tempfile::tempdir().expect("tmp");
+        let b = Bundle::with_in(
+            parent.path(),
+            &["sh", "-c", "echo from $(hostname)"],
+            |_| {},
+        );
+        let rel = base_name(b.path());
+        let id = unique_id(&format!("{}-relb", rt.name()));
+        let out = rt.run_in(
+            parent.path(),
+            &["create", "-b", rel, "--pid-file", "rel.pid", &id],
+        );
+        succeeded(&out, "create -b")?;
+        let created = check_created(rt, &id, b.path(), &parent.path().join("rel.pid"));
+        let _ = rt.run(&["delete", "-f", &id]);
+        let created = created?;
+        // `run` in the foreground: the container's output, then it is gone.
+        let run_id = unique_id(&format!("{}-relrun", rt.name()));
+        let out = rt.run_in(parent.path(), &["run", "-b", rel, &run_id]);
+        succeeded(&out, "run -b")?;
+        let said = String::from_utf8_lossy(&out.stdout);
+        if !said.starts_with("from ") {
+            return Err(format!("run printed {said:?}"));
+        }
+        // `run -d` keeps it running.
+        let detached = unique_id(&format!("{}-reld", rt.name()));
+        let b2 = Bundle::with_in(parent.path(), &["sleep", "60"], |_| {});
+        let out = rt.run_in(
+            parent.path(),
+            &["run", "-d", "-b", base_name(b2.path()), &detached],
+        );
+        succeeded(&out, "run -d -b")?;
+        let st = status(rt, &detached);
+        let _ = rt.run(&["delete", "-f", &detached]);
+        if st != "running" {
+            return Err(format!("run -d -b: status {st:?}"));
+        }
+        Ok(format!(
+            "{created}; run printed {:?}; run -d running",
+            said.trim()
+        ))
+    });
+}
