@@ -7,8 +7,9 @@ use std::fs;
 use std::io::Write;
 use std::path::Path;
 use std::process::Output;
+use std::time::Duration;
 
-use migrun_tests::{unique_id, Bundle, Migrun};
+use migrun_tests::{unique_id, wait_until, Bundle, Migrun};
 use serde_json::Value;
 
 /// What a case found: `Ok` with a short summary, or `Err` with what was wrong.
@@ -55,15 +56,19 @@ fn compare(name: &str, case: impl Fn(&Migrun) -> Verdict) {
 
 /// `Err` with `what` and the output unless `out` succeeded.
 fn succeeded(out: &Output, what: &str) -> Result<(), String> {
+    use std::os::unix::process::ExitStatusExt;
     if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{what}: exit {:?}: {}",
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
+        return Ok(());
     }
+    let how = match (out.status.code(), out.status.signal()) {
+        (Some(code), _) => format!("exit {code}"),
+        (None, Some(signal)) => format!("killed by signal {signal}"),
+        (None, None) => "failed".to_string(),
+    };
+    Err(format!(
+        "{what}: {how}: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    ))
 }
 
 /// The state of `id`, or `Err`.
@@ -176,5 +181,132 @@ fn create_and_run_with_a_relative_bundle() {
             "{created}; run printed {:?}; run -d running",
             said.trim()
         ))
+    });
+}
+
+/// The hook kinds of the runtime spec, as config.json names them.
+const HOOK_KINDS: [&str; 6] = [
+    "prestart",
+    "createRuntime",
+    "createContainer",
+    "startContainer",
+    "poststart",
+    "poststop",
+];
+
+/// 20 create/start/delete rounds of a container whose `kind` hook is
+/// `/bin/true`, which exits without reading the state on its stdin. Each
+/// command must succeed and the container must have run and be gone.
+fn hook_that_reads_nothing(kind: &str) {
+    compare(&format!("{kind} hook /bin/true, 20 rounds"), |rt| {
+        let b = Bundle::with(&["sh", "-c", "echo ran > /ran"], |spec| {
+            spec["hooks"] = serde_json::json!({
+                kind: [{"path": "/bin/true", "args": ["true"]}]
+            });
+        });
+        for round in 1..=20 {
+            let id = unique_id(&format!("{}-{}-{round}", rt.name(), kind.to_lowercase()));
+            let _ = fs::remove_file(b.rootfs().join("ran"));
+            let at = |what: &str| format!("round {round}: {what}");
+            let bundle = b.path().to_str().expect("utf8");
+            succeeded(&rt.run(&["create", "-b", bundle, &id]), &at("create"))?;
+            let st = status(rt, &id);
+            if st != "created" {
+                return Err(at(&format!("status {st:?} after create")));
+            }
+            succeeded(&rt.run(&["start", &id]), &at("start"))?;
+            if !wait_until(Duration::from_secs(10), || status(rt, &id) == "stopped") {
+                return Err(at(&format!(
+                    "status {:?} 10 s after start",
+                    status(rt, &id)
+                )));
+            }
+            if b.read("ran").as_deref() != Some("ran\n") {
+                return Err(at("the container's process never ran"));
+            }
+            succeeded(&rt.run(&["delete", &id]), &at("delete"))?;
+            if rt.root().join(&id).exists() {
+                return Err(at("state left after delete"));
+            }
+        }
+        Ok("20 of 20 rounds: created, ran, stopped, deleted".into())
+    });
+}
+
+#[test]
+fn prestart_hook_that_reads_nothing() {
+    hook_that_reads_nothing(HOOK_KINDS[0]);
+}
+
+#[test]
+fn create_runtime_hook_that_reads_nothing() {
+    hook_that_reads_nothing(HOOK_KINDS[1]);
+}
+
+#[test]
+fn create_container_hook_that_reads_nothing() {
+    hook_that_reads_nothing(HOOK_KINDS[2]);
+}
+
+#[test]
+fn start_container_hook_that_reads_nothing() {
+    hook_that_reads_nothing(HOOK_KINDS[3]);
+}
+
+#[test]
+fn poststart_hook_that_reads_nothing() {
+    hook_that_reads_nothing(HOOK_KINDS[4]);
+}
+
+#[test]
+fn poststop_hook_that_reads_nothing() {
+    hook_that_reads_nothing(HOOK_KINDS[5]);
+}
+
+/// Whether a `/proc/PID/status` text (or its SigIgn line) says SIGPIPE is
+/// ignored; `Err` when there is no SigIgn line.
+fn sigpipe_ignored(status: &str) -> Result<bool, String> {
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("SigIgn:"))
+        .ok_or_else(|| format!("no SigIgn line in {status:?}"))?;
+    let mask = u64::from_str_radix(line.trim_start_matches("SigIgn:").trim(), 16)
+        .map_err(|e| format!("{line:?}: {e}"))?;
+    Ok(mask & (1 << (libc::SIGPIPE - 1)) != 0)
+}
+
+#[test]
+fn container_processes_get_sigpipe_at_its_default() {
+    // migrun ignores SIGPIPE while it runs hooks; what it starts must not.
+    compare("SIGPIPE not ignored in init and exec'd processes", |rt| {
+        let grep = ["grep", "SigIgn", "/proc/self/status"];
+        let b = Bundle::with(&grep, |spec| {
+            spec["hooks"] = serde_json::json!({
+                "startContainer": [{"path": "/bin/true", "args": ["true"]}]
+            });
+        });
+        let id = unique_id(&format!("{}-sigpipe", rt.name()));
+        let out = rt.run(&["run", "-b", b.path().to_str().expect("utf8"), &id]);
+        succeeded(&out, "run")?;
+        let init = String::from_utf8_lossy(&out.stdout).into_owned();
+        if sigpipe_ignored(&init)? {
+            return Err(format!("init: SIGPIPE ignored ({})", init.trim()));
+        }
+        let b = Bundle::new(&["sleep", "60"]);
+        let id = unique_id(&format!("{}-sigpipe-x", rt.name()));
+        succeeded(
+            &rt.run(&["run", "-d", "-b", b.path().to_str().expect("utf8"), &id]),
+            "run -d",
+        )?;
+        let mut args = vec!["exec", id.as_str()];
+        args.extend(grep);
+        let out = rt.run(&args);
+        let _ = rt.run(&["delete", "-f", &id]);
+        succeeded(&out, "exec")?;
+        let exec = String::from_utf8_lossy(&out.stdout).into_owned();
+        if sigpipe_ignored(&exec)? {
+            return Err(format!("exec: SIGPIPE ignored ({})", exec.trim()));
+        }
+        Ok(format!("init {}, exec {}", init.trim(), exec.trim()))
     });
 }

@@ -16,6 +16,7 @@ use oci_spec::runtime::Spec;
 use crate::error::{Context, Result, RuntimeError};
 use crate::state::status_name;
 use crate::store::{ContainerMeta, StateRoot};
+use crate::workload::DefaultSignals;
 use crate::{id, signal};
 
 /// What `create` (and `run`) take from the command line.
@@ -159,7 +160,8 @@ pub fn create_with_stdio(
         .map(|b| {
             stdio.apply(
                 b.with_console_socket(opts.console_socket.as_ref())
-                    .with_preserved_fds(opts.preserve_fds),
+                    .with_preserved_fds(opts.preserve_fds)
+                    .with_executor(DefaultSignals),
             )
         })
         .and_then(|b| b.validate_id())
@@ -521,7 +523,12 @@ fn build_tenant(
             b.with_console_socket(opts.console_socket.as_ref())
                 .with_pid_file(opts.pid_file.as_ref())
         })
-        .map(|b| stdio.apply(b.with_preserved_fds(opts.preserve_fds)))
+        .map(|b| {
+            stdio.apply(
+                b.with_preserved_fds(opts.preserve_fds)
+                    .with_executor(DefaultSignals),
+            )
+        })
         .and_then(|b| b.validate_id())
         .and_then(|b| {
             b.as_tenant()
