@@ -310,3 +310,106 @@ fn container_processes_get_sigpipe_at_its_default() {
         Ok(format!("init {}, exec {}", init.trim(), exec.trim()))
     });
 }
+
+/// A failing command's stderr: non-zero exit, the word "error" and `reason`.
+fn error_says(out: &Output, what: &str, reason: &str) -> Verdict {
+    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    if out.status.success() {
+        return Err(format!("{what}: succeeded"));
+    }
+    if !stderr.contains("error") || !stderr.contains(reason) {
+        return Err(format!(
+            "{what}: stderr lacks \"error\" or {reason:?}: {stderr:?}"
+        ));
+    }
+    Ok(format!("{what}: {stderr}"))
+}
+
+#[test]
+fn errors_say_error() {
+    // Scrapers of a runtime's stderr look for "error" (runc: `level=error`).
+    compare("delete/kill unknown, kill stopped, delete running", |rt| {
+        let mut found = Vec::new();
+        found.push(error_says(
+            &rt.run(&["delete", "ghost"]),
+            "delete unknown",
+            "does not exist",
+        )?);
+        found.push(error_says(
+            &rt.run(&["kill", "ghost", "KILL"]),
+            "kill unknown",
+            "does not exist",
+        )?);
+        let b = Bundle::new(&["sleep", "60"]);
+        let id = unique_id(&format!("{}-errors", rt.name()));
+        succeeded(
+            &rt.run(&["run", "-d", "-b", b.path().to_str().expect("utf8"), &id]),
+            "run -d",
+        )?;
+        let running = error_says(&rt.run(&["delete", &id]), "delete running", "running");
+        let _ = rt.run(&["kill", &id, "KILL"]);
+        let stopped = if wait_until(Duration::from_secs(10), || status(rt, &id) == "stopped") {
+            // runc: "container not running"; migrun: "... is stopped: cannot kill".
+            let out = rt.run(&["kill", &id, "TERM"]);
+            let reason = if rt.name() == "runc" {
+                "not running"
+            } else {
+                "stopped"
+            };
+            error_says(&out, "kill stopped", reason)
+        } else {
+            Err("the container did not stop after SIGKILL".into())
+        };
+        let _ = rt.run(&["delete", "-f", &id]);
+        found.push(running?);
+        found.push(stopped?);
+        Ok(found.join("\n                "))
+    });
+}
+
+#[test]
+fn errors_in_runc_log_formats() {
+    // runc's own lines: logrus text by default, JSON with --log-format json;
+    // with --log the file gets the line (containerd reads the JSON there).
+    compare("error line formats (text, json, --log)", |rt| {
+        let text = rt.run(&["delete", "ghost"]);
+        let line = String::from_utf8_lossy(&text.stderr).trim().to_string();
+        let text_ok = line.starts_with("time=\"")
+            && line.contains(" level=error msg=\"")
+            && line.ends_with('"')
+            && line.lines().count() == 1;
+        if !text_ok {
+            return Err(format!("text format: {line:?}"));
+        }
+        let json = rt.run(&["--log-format", "json", "delete", "ghost"]);
+        let jline = String::from_utf8_lossy(&json.stderr).trim().to_string();
+        let parsed: Value =
+            serde_json::from_str(&jline).map_err(|e| format!("json format {jline:?}: {e}"))?;
+        if parsed["level"] != "error"
+            || !parsed["msg"]
+                .as_str()
+                .is_some_and(|m| m.contains("does not exist"))
+        {
+            return Err(format!("json format: {jline:?}"));
+        }
+        let log = tempfile::NamedTempFile::new().expect("tmp");
+        let log_path = log.path().to_str().expect("utf8");
+        let out = rt.run(&["--log", log_path, "--log-format", "json", "delete", "ghost"]);
+        if out.status.success() {
+            return Err("delete ghost with --log succeeded".into());
+        }
+        let logged = fs::read_to_string(log.path()).unwrap_or_default();
+        let last: Value = logged
+            .lines()
+            .last()
+            .and_then(|l| serde_json::from_str(l).ok())
+            .ok_or_else(|| format!("--log file: {logged:?}"))?;
+        if last["level"] != "error" {
+            return Err(format!("--log file: {logged:?}"));
+        }
+        Ok(format!(
+            "text {line:?}; json {jline:?}; --log stderr {:?}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    });
+}

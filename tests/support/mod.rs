@@ -334,6 +334,12 @@ impl Drop for Migrun {
     }
 }
 
+/// Whether `line` is the error line a failing migrun command ends with on
+/// standard error: runc's logrus text form, `time="..." level=error msg="..."`.
+pub fn is_error_line(line: &str) -> bool {
+    line.starts_with("time=\"") && line.contains(" level=error msg=")
+}
+
 /// A tmpfs mounted on a fresh temporary directory; unmounted (lazily) on drop.
 pub struct Tmpfs {
     dir: tempfile::TempDir,

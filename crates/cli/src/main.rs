@@ -160,7 +160,7 @@ fn main() {
     ) {
         Ok(log) => log,
         Err(err) => {
-            eprintln!("migrun: open log file: {err}");
+            logging::error_to_stderr(&format!("open log file: {err}"));
             std::process::exit(1);
         }
     };
@@ -171,19 +171,14 @@ fn main() {
         Command::Create(_) | Command::Run { .. } | Command::Exec(_)
     ) {
         if let Err(err) = migrun_runtime::sealed_exe::ensure_protected(&cli.global.root) {
-            log.write(&tracing::Level::ERROR, &format!("{err}"));
-            eprintln!("migrun: {err}");
+            log.error(&one_line(&err.into()));
             std::process::exit(1);
         }
     }
     match commands::dispatch(cli) {
         Ok(code) => std::process::exit(code),
         Err(err) => {
-            let msg = one_line(&err);
-            if !log.is_stderr() {
-                log.write(&tracing::Level::ERROR, &msg);
-            }
-            eprintln!("migrun: {msg}");
+            log.error(&one_line(&err));
             std::process::exit(1);
         }
     }
