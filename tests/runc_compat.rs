@@ -413,3 +413,51 @@ fn errors_in_runc_log_formats() {
         ))
     });
 }
+
+#[test]
+fn mount_onto_a_proc_symlink_names_the_cause() {
+    compare("/proc a symlink in the rootfs: the cause", |rt| {
+        let b = Bundle::new(&["true"]);
+        let proc_dir = b.rootfs().join("proc");
+        let _ = fs::remove_dir_all(&proc_dir);
+        std::os::unix::fs::symlink("/tmp", &proc_dir).expect("symlink /proc");
+        let id = unique_id(&format!("{}-procsym", rt.name()));
+        let out = rt.run(&["run", "-b", b.path().to_str().expect("utf8"), &id]);
+        let _ = rt.run(&["delete", "-f", &id]);
+        error_says(&out, "run", "must be mounted on ordinary directory")
+    });
+}
+
+#[test]
+fn exec_refused_by_capabilities_names_the_cause() {
+    // An effective capability outside the permitted set: capset(2) says EPERM.
+    compare("exec with caps capset refuses: the cause", |rt| {
+        let b = Bundle::new(&["sleep", "60"]);
+        let id = unique_id(&format!("{}-capexec", rt.name()));
+        succeeded(
+            &rt.run(&["run", "-d", "-b", b.path().to_str().expect("utf8"), &id]),
+            "run -d",
+        )?;
+        let spec: Value =
+            serde_json::from_str(&fs::read_to_string(b.path().join("config.json")).expect("read"))
+                .expect("json");
+        let mut process = spec["process"].clone();
+        process["args"] = serde_json::json!(["true"]);
+        process["capabilities"] = serde_json::json!({
+            "bounding": ["CAP_KILL"],
+            "effective": ["CAP_SYS_ADMIN"],
+            "permitted": ["CAP_KILL"],
+            "inheritable": [],
+            "ambient": []
+        });
+        let process_json = b.path().join("process.json");
+        fs::write(&process_json, process.to_string()).expect("write process.json");
+        let out = rt.run(&["exec", "-p", process_json.to_str().expect("utf8"), &id]);
+        let _ = rt.run(&["delete", "-f", &id]);
+        // Go's errno text is lower-case, Rust's capitalised.
+        let mut lower = out.clone();
+        lower.stderr = out.stderr.to_ascii_lowercase();
+        error_says(&lower, "exec", "operation not permitted")
+            .map(|_| format!("exec: {}", String::from_utf8_lossy(&out.stderr).trim()))
+    });
+}

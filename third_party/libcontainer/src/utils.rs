@@ -121,6 +121,24 @@ impl PathBufExt for Path {
     }
 }
 
+/// migrun change: an error and its causes on one line ("a: b: c"), each
+/// cause once. The container's init and intermediate processes send their
+/// error to the caller as text; with only its outermost message, the cause
+/// was lost ("failed to prepare rootfs", "failed syscall").
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = cause.source();
+    }
+    out
+}
+
 pub fn parse_env(envs: &[String]) -> HashMap<String, String> {
     envs.iter()
         .filter_map(|e| {
