@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use migrun_tests::{
-    cgroups_named, contains_bytes, counter_at, migrate_out_with, pair_key, path,
+    cgroups_named, contains_bytes, counter_at, is_error_line, migrate_out_with, pair_key, path,
     processes_mentioning, target_rootfs, unique_id, wait_until, Bundle, Migrun, Target, Tmpfs,
     COUNTER,
 };
@@ -790,9 +790,9 @@ fn refused(sends: Vec<Send>, close_at_once: bool, ids: &[&str]) -> (String, Reac
     assert!(!finished, "migrate-in succeeded: {log}");
     // One error line, the last; what comes before it is progress.
     let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
-    let errors: Vec<&&str> = lines.iter().filter(|l| l.starts_with("migrun:")).collect();
+    let errors: Vec<&&str> = lines.iter().filter(|l| is_error_line(l)).collect();
     assert!(
-        errors.len() == 1 && lines.last().is_some_and(|l| l.starts_with("migrun:")),
+        errors.len() == 1 && lines.last().is_some_and(|l| is_error_line(l)),
         "migrate-in did not end with one error line (the peer saw {reaction}): {log}"
     );
     let error = errors[0].to_string();

@@ -8,8 +8,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use migrun_tests::{
-    check_memory, counter_at, migrate_out, migrate_out_with, pair_key, path, target_rootfs,
-    unique_id, wait_until, Bundle, Migrun, Target, Tmpfs, COUNTER,
+    check_memory, counter_at, is_error_line, migrate_out, migrate_out_with, pair_key, path,
+    target_rootfs, unique_id, wait_until, Bundle, Migrun, Target, Tmpfs, COUNTER,
 };
 
 fn counter(rootfs: &Path) -> u64 {
@@ -250,10 +250,7 @@ fn target_killed_during_precopy_leaves_source_running() {
     let (ok, err, _) = migrate_out(&src, &id, &target, &key, &["--bandwidth", "200"]);
     assert!(!ok, "migration succeeded although the target died");
     assert_eq!(
-        err.trim_end()
-            .lines()
-            .last()
-            .map(|l| l.starts_with("migrun:")),
+        err.trim_end().lines().last().map(is_error_line),
         Some(true),
         "{err}"
     );
@@ -396,7 +393,7 @@ fn target_killed_during_the_final_phase_leaves_source_running() {
         !ok,
         "migration succeeded although the target died in the final phase"
     );
-    assert!(err.contains("migrun:"), "{err}");
+    assert!(err.lines().any(is_error_line), "{err}");
     let _ = target.finish();
     assert_source_intact(&src, &id, &b);
     // A new migrate-in on the same root and work directory removes what the killed one left.

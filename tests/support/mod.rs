@@ -163,14 +163,28 @@ impl Bundle {
 }
 
 /// migrun with a private `--root`; force-deletes what is left on drop.
+///
+/// [`Migrun::runc`] makes the same for runc, to run a test's cases against
+/// both (`tests/runc_compat.rs`).
 pub struct Migrun {
     root: tempfile::TempDir,
+    bin: PathBuf,
+    name: &'static str,
 }
 
 impl Default for Migrun {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// `name` found in `$PATH`, if it is there.
+pub fn in_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join(name))
+            .find(|p| p.is_file())
+    })
 }
 
 impl Migrun {
@@ -181,6 +195,8 @@ impl Migrun {
                 .prefix("migrun-root-")
                 .tempdir()
                 .expect("tempdir"),
+            bin: migrun_bin(),
+            name: "migrun",
         }
     }
 
@@ -191,7 +207,26 @@ impl Migrun {
                 .prefix("migrun-root-")
                 .tempdir_in(parent)
                 .expect("tempdir"),
+            bin: migrun_bin(),
+            name: "migrun",
         }
+    }
+
+    /// runc (from `$PATH`) with a fresh state root, if runc is installed.
+    pub fn runc() -> Option<Self> {
+        Some(Self {
+            root: tempfile::Builder::new()
+                .prefix("runc-root-")
+                .tempdir()
+                .expect("tempdir"),
+            bin: in_path("runc")?,
+            name: "runc",
+        })
+    }
+
+    /// Which runtime this is: "migrun" or "runc".
+    pub fn name(&self) -> &'static str {
+        self.name
     }
 
     /// The state root.
@@ -201,7 +236,7 @@ impl Migrun {
 
     /// A command with `--root` set.
     pub fn command(&self) -> Command {
-        let mut cmd = Command::new(migrun_bin());
+        let mut cmd = Command::new(&self.bin);
         cmd.arg("--root").arg(self.root.path());
         cmd
     }
@@ -211,10 +246,20 @@ impl Migrun {
     /// Output goes through files, not pipes: a detached container inherits
     /// migrun's stdio and would hold a pipe open long after migrun exits.
     pub fn run(&self, args: &[&str]) -> Output {
+        self.run_with(self.command(), args)
+    }
+
+    /// [`Migrun::run`] in the working directory `cwd`.
+    pub fn run_in(&self, cwd: &Path, args: &[&str]) -> Output {
+        let mut cmd = self.command();
+        cmd.current_dir(cwd);
+        self.run_with(cmd, args)
+    }
+
+    fn run_with(&self, mut cmd: Command, args: &[&str]) -> Output {
         let mut out = tempfile::tempfile().expect("tmp");
         let mut err = tempfile::tempfile().expect("tmp");
-        let status = self
-            .command()
+        let status = cmd
             .args(args)
             .stdin(Stdio::null())
             .stdout(out.try_clone().expect("dup"))
@@ -287,6 +332,12 @@ impl Drop for Migrun {
             }
         }
     }
+}
+
+/// Whether `line` is the error line a failing migrun command ends with on
+/// standard error: runc's logrus text form, `time="..." level=error msg="..."`.
+pub fn is_error_line(line: &str) -> bool {
+    line.starts_with("time=\"") && line.contains(" level=error msg=")
 }
 
 /// A tmpfs mounted on a fresh temporary directory; unmounted (lazily) on drop.
@@ -586,9 +637,8 @@ impl Migrun {
     /// back from a `--log` file. Panics on failure.
     pub fn ok_quiet(&self, args: &[&str]) {
         let log = tempfile::NamedTempFile::new().expect("tmp");
-        let status = Command::new(migrun_bin())
-            .arg("--root")
-            .arg(self.root.path())
+        let status = self
+            .command()
             .arg("--log")
             .arg(log.path())
             .args(args)

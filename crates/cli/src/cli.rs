@@ -76,7 +76,8 @@ pub struct CreateArgs {
     /// Path to the root of the bundle directory
     #[arg(short, long, default_value = ".")]
     pub bundle: PathBuf,
-    /// Path to an AF_UNIX socket which will receive the pty master
+    /// Path to an AF_UNIX socket which will receive the pty master (a
+    /// relative path is in the bundle directory, as with runc)
     #[arg(long)]
     pub console_socket: Option<PathBuf>,
     /// Specify the file to write the process id to

@@ -66,24 +66,32 @@ fn level_name(level: &Level) -> &'static str {
     }
 }
 
-impl LogLayer {
-    /// Formats one line (without the newline).
-    fn line(&self, level: &Level, msg: &str) -> String {
-        let time = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
-        match self.format {
-            LogFormat::Json => serde_json::json!({
-                "level": level_name(level),
-                "msg": msg,
-                "time": time,
-            })
-            .to_string(),
-            LogFormat::Text => format!("time={time:?} level={} msg={msg:?}", level_name(level)),
-        }
+/// One logrus line in `format` (without the newline): `time="..."
+/// level=error msg="..."`, or `{"level":"error","msg":"...","time":"..."}`.
+pub fn line(format: LogFormat, level: &Level, msg: &str) -> String {
+    let time = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
+    match format {
+        LogFormat::Json => serde_json::json!({
+            "level": level_name(level),
+            "msg": msg,
+            "time": time,
+        })
+        .to_string(),
+        LogFormat::Text => format!("time={time:?} level={} msg={msg:?}", level_name(level)),
     }
+}
 
-    /// Writes a line for `level` straight away (used for the final error).
+/// Writes an error line in logrus' text format to standard error.
+pub fn error_to_stderr(msg: &str) {
+    let mut text = line(LogFormat::Text, &Level::ERROR, msg);
+    text.push('\n');
+    let _ = std::io::stderr().write_all(text.as_bytes());
+}
+
+impl LogLayer {
+    /// Writes a line for `level` straight away.
     pub fn write(&self, level: &Level, msg: &str) {
-        let mut line = self.line(level, msg);
+        let mut line = line(self.format, level, msg);
         line.push('\n');
         match &self.sink {
             Sink::File(file) => {
@@ -97,9 +105,17 @@ impl LogLayer {
         }
     }
 
-    /// Whether the sink is standard error.
-    pub fn is_stderr(&self) -> bool {
-        matches!(self.sink, Sink::Stderr)
+    /// Reports a command's failure, as runc does, in a line that tools
+    /// scraping standard error recognise by its `level=error`: without
+    /// `--log`, standard error gets the line in `--log-format` (runc's
+    /// output exactly); with `--log`, the file gets it in its format
+    /// (containerd reads the last JSON error there) and standard error
+    /// gets it in the text format (where runc prints the bare message).
+    pub fn error(&self, msg: &str) {
+        self.write(&Level::ERROR, msg);
+        if !matches!(self.sink, Sink::Stderr) {
+            error_to_stderr(msg);
+        }
     }
 }
 
@@ -153,4 +169,28 @@ pub fn init(log: Option<&Path>, format: LogFormat, debug: bool) -> std::io::Resu
         format,
         max_level,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_are_logrus_text_and_json() {
+        let text = line(
+            LogFormat::Text,
+            &Level::ERROR,
+            "container \"x\" does not exist",
+        );
+        assert!(text.starts_with("time=\""), "{text}");
+        assert!(
+            text.ends_with(r#"" level=error msg="container \"x\" does not exist""#),
+            "{text}"
+        );
+        let json: serde_json::Value =
+            serde_json::from_str(&line(LogFormat::Json, &Level::WARN, "m")).expect("json");
+        assert_eq!(json["level"], "warning");
+        assert_eq!(json["msg"], "m");
+        assert!(json["time"].as_str().is_some_and(|t| t.ends_with('Z')));
+    }
 }

@@ -91,9 +91,47 @@ fn one_line(err: &anyhow::Error) -> String {
     out
 }
 
+/// Whether `command` changes containers (or runs their hooks), rather than
+/// only printing: those ignore SIGPIPE.
+///
+/// A hook that exits without reading the state on its stdin (`/bin/true`)
+/// makes the write of the state an EPIPE, which libcontainer takes as the
+/// end of the hook (its exit status decides, as with runc); with SIGPIPE at
+/// its default, migrun died instead, half-way through a create or delete.
+/// Container processes get the default back before their `execve`
+/// (`migrun_runtime::workload`), and so does every program migrun spawns
+/// (Rust's `Command` resets it). Commands that print keep the default, so
+/// that `migrun events | head` ends quietly.
+fn changes_containers(command: &Command) -> bool {
+    match command {
+        Command::Create(_)
+        | Command::Run { .. }
+        | Command::Start { .. }
+        | Command::Kill { .. }
+        | Command::Delete { .. }
+        | Command::Exec(_)
+        | Command::Pause { .. }
+        | Command::Resume { .. }
+        | Command::Update(_)
+        | Command::Checkpoint(_)
+        | Command::Restore(_)
+        | Command::MigrateIn { .. }
+        | Command::MigrateOut { .. }
+        | Command::MigrateRecover { .. } => true,
+        Command::Spec { .. }
+        | Command::State { .. }
+        | Command::List { .. }
+        | Command::Ps { .. }
+        | Command::Events { .. }
+        | Command::Features
+        | Command::Keygen { .. } => false,
+    }
+}
+
 fn main() {
     // Like runc and every C tool: a closed pipe on stdout ends the program
-    // quietly (`migrun events | head`), instead of a panic.
+    // quietly (`migrun events | head`), instead of a panic; commands that
+    // change containers ignore it again once parsed (`changes_containers`).
     // SAFETY: setting a signal disposition to SIG_DFL has no preconditions.
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
@@ -109,6 +147,12 @@ fn main() {
             err.exit();
         }
     };
+    if changes_containers(&cli.command) {
+        // SAFETY: setting a signal disposition to SIG_IGN has no preconditions.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+        }
+    }
     let log = match logging::init(
         cli.global.log.as_deref(),
         cli.global.log_format,
@@ -116,7 +160,7 @@ fn main() {
     ) {
         Ok(log) => log,
         Err(err) => {
-            eprintln!("migrun: open log file: {err}");
+            logging::error_to_stderr(&format!("open log file: {err}"));
             std::process::exit(1);
         }
     };
@@ -127,19 +171,14 @@ fn main() {
         Command::Create(_) | Command::Run { .. } | Command::Exec(_)
     ) {
         if let Err(err) = migrun_runtime::sealed_exe::ensure_protected(&cli.global.root) {
-            log.write(&tracing::Level::ERROR, &format!("{err}"));
-            eprintln!("migrun: {err}");
+            log.error(&one_line(&err.into()));
             std::process::exit(1);
         }
     }
     match commands::dispatch(cli) {
         Ok(code) => std::process::exit(code),
         Err(err) => {
-            let msg = one_line(&err);
-            if !log.is_stderr() {
-                log.write(&tracing::Level::ERROR, &msg);
-            }
-            eprintln!("migrun: {msg}");
+            log.error(&one_line(&err));
             std::process::exit(1);
         }
     }

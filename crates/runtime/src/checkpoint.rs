@@ -20,14 +20,14 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::unistd::Pid;
 use oci_spec::runtime::{LinuxNamespaceType, Spec};
 
-use crate::error::{Context, Result, RuntimeError};
+use crate::error::{error_chain, Context, Result, RuntimeError};
 use crate::lifecycle::{self, load_bundle_spec};
 use crate::state::status_name;
 use crate::store::{ContainerMeta, StateRoot};
 
 impl From<migrun_criu::CriuError> for RuntimeError {
     fn from(err: migrun_criu::CriuError) -> Self {
-        RuntimeError::Unsupported(err.to_string())
+        RuntimeError::Unsupported(error_chain(&err))
     }
 }
 
@@ -699,7 +699,7 @@ fn prestart_hooks(
     Some(Box::new(move |pid| {
         state.pid = Some(pid);
         libcontainer::hooks::run_hooks(Some(&to_run), Some(&state), Some(&cwd), None, None)
-            .map_err(|e| format!("prestart hook: {e}"))
+            .map_err(|e| format!("prestart hook: {}", error_chain(&e)))
     }))
 }
 
@@ -849,7 +849,7 @@ pub fn restore_with_stdio(
     }
     let bundle = fs::canonicalize(&opts.bundle).map_err(|e| RuntimeError::Bundle {
         path: opts.bundle.clone(),
-        reason: e.to_string(),
+        reason: error_chain(&e),
     })?;
     let spec = load_bundle_spec(&bundle)?;
     migrun_criu::images::check_image_dir(&opts.image_path)?;
@@ -915,7 +915,7 @@ pub fn restore_with_stdio(
     })
     .map_err(|e| RuntimeError::Cgroup {
         context: format!("create cgroup of {}", opts.id),
-        reason: e.to_string(),
+        reason: error_chain(&e),
     });
     let manager = match manager {
         Ok(m) => m,
@@ -942,7 +942,7 @@ pub fn restore_with_stdio(
         )
         .map_err(|e| RuntimeError::Cgroup {
             context: format!("enter cgroup of {}", opts.id),
-            reason: e.to_string(),
+            reason: error_chain(&e),
         });
     if let Err(e) = entered {
         back.restore();

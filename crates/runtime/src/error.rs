@@ -89,6 +89,22 @@ pub enum RuntimeError {
     },
 }
 
+/// An error and its causes on one line ("a: b: c"), each cause once: for
+/// errors kept as text, whose causes would otherwise be lost.
+pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = cause.source();
+    }
+    out
+}
+
 /// Result type of this crate.
 pub type Result<T> = std::result::Result<T, RuntimeError>;
 
@@ -122,5 +138,36 @@ impl<T> Context<T> for std::result::Result<T, libcontainer::error::LibcontainerE
             context: f(),
             source: Box::new(source),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_chain_keeps_each_cause_once() {
+        let io = std::io::Error::from_raw_os_error(libc::EPERM);
+        let err = RuntimeError::Io {
+            context: "mount /proc".into(),
+            source: io,
+        };
+        // The message already includes its source: not repeated.
+        assert_eq!(
+            error_chain(&err),
+            "mount /proc: Operation not permitted (os error 1)"
+        );
+        let wrapped = RuntimeError::Container {
+            context: "create container c".into(),
+            source: Box::new(libcontainer::error::LibcontainerError::OtherIO(
+                std::io::Error::from_raw_os_error(libc::ENOENT),
+            )),
+        };
+        let text = error_chain(&wrapped);
+        assert!(text.starts_with("create container c: "), "{text}");
+        assert!(
+            text.ends_with("No such file or directory (os error 2)"),
+            "{text}"
+        );
     }
 }

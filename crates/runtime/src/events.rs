@@ -3,7 +3,7 @@
 use libcgroups::common::CgroupManager;
 use serde::Serialize;
 
-use crate::error::{Result, RuntimeError};
+use crate::error::{error_chain, Result, RuntimeError};
 use crate::lifecycle::cgroup_manager;
 use crate::store::StateRoot;
 
@@ -38,7 +38,7 @@ pub fn stats(root: &StateRoot, id: &str) -> Result<Event> {
         .stats()
         .map_err(|e| RuntimeError::Cgroup {
             context: format!("read stats of container {id}"),
-            reason: e.to_string(),
+            reason: error_chain(&e),
         })?;
     let data =
         serde_json::to_value(&stats).map_err(|e| RuntimeError::InvalidInput(e.to_string()))?;

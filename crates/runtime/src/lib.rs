@@ -22,6 +22,7 @@ pub mod signal;
 pub mod spec;
 pub mod state;
 pub mod store;
+pub mod workload;
 
 pub use error::{Result, RuntimeError};
 pub use store::StateRoot;

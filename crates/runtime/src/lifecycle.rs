@@ -13,9 +13,10 @@ use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 use oci_spec::runtime::Spec;
 
-use crate::error::{Context, Result, RuntimeError};
+use crate::error::{error_chain, Context, Result, RuntimeError};
 use crate::state::status_name;
 use crate::store::{ContainerMeta, StateRoot};
+use crate::workload::DefaultSignals;
 use crate::{id, signal};
 
 /// What `create` (and `run`) take from the command line.
@@ -84,7 +85,7 @@ pub fn load_bundle_spec(bundle: &Path) -> Result<Spec> {
     let text = fs::read_to_string(&config).ctx(|| format!("read {}", config.display()))?;
     let spec: Spec = serde_json::from_str(&text).map_err(|e| RuntimeError::Config {
         path: config.clone(),
-        reason: e.to_string(),
+        reason: error_chain(&e),
     })?;
     let root = spec.root().as_ref().ok_or_else(|| RuntimeError::Config {
         path: config.clone(),
@@ -145,7 +146,7 @@ pub fn create_with_stdio(
     }
     let bundle = fs::canonicalize(&opts.bundle).map_err(|e| RuntimeError::Bundle {
         path: opts.bundle.clone(),
-        reason: e.to_string(),
+        reason: error_chain(&e),
     })?;
     let spec = load_bundle_spec(&bundle)?;
     if root.systemd() && !Path::new("/run/systemd/system").exists() {
@@ -159,7 +160,8 @@ pub fn create_with_stdio(
         .map(|b| {
             stdio.apply(
                 b.with_console_socket(opts.console_socket.as_ref())
-                    .with_preserved_fds(opts.preserve_fds),
+                    .with_preserved_fds(opts.preserve_fds)
+                    .with_executor(DefaultSignals),
             )
         })
         .and_then(|b| b.validate_id())
@@ -405,7 +407,7 @@ pub fn cgroup_manager(container: &Container) -> Result<AnyCgroupManager> {
     })
     .map_err(|e| RuntimeError::Cgroup {
         context: format!("open cgroup of container {}", container.id()),
-        reason: e.to_string(),
+        reason: error_chain(&e),
     })
 }
 
@@ -415,7 +417,7 @@ pub fn container_pids(container: &Container) -> Result<Vec<Pid>> {
         .get_all_pids()
         .map_err(|e| RuntimeError::Cgroup {
             context: format!("list processes of container {}", container.id()),
-            reason: e.to_string(),
+            reason: error_chain(&e),
         })
 }
 
@@ -521,7 +523,12 @@ fn build_tenant(
             b.with_console_socket(opts.console_socket.as_ref())
                 .with_pid_file(opts.pid_file.as_ref())
         })
-        .map(|b| stdio.apply(b.with_preserved_fds(opts.preserve_fds)))
+        .map(|b| {
+            stdio.apply(
+                b.with_preserved_fds(opts.preserve_fds)
+                    .with_executor(DefaultSignals),
+            )
+        })
         .and_then(|b| b.validate_id())
         .and_then(|b| {
             b.as_tenant()

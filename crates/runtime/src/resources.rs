@@ -7,7 +7,7 @@ use libcgroups::common::{CgroupManager, ControllerOpt};
 use oci_spec::runtime::LinuxPids;
 pub use oci_spec::runtime::LinuxResources;
 
-use crate::error::{Context, Result, RuntimeError};
+use crate::error::{error_chain, Context, Result, RuntimeError};
 use crate::lifecycle::cgroup_manager;
 use crate::store::StateRoot;
 
@@ -139,7 +139,7 @@ pub fn update(root: &StateRoot, id: &str, resources: &LinuxResources) -> Result<
         })
         .map_err(|e| RuntimeError::Cgroup {
             context: format!("update container {id}"),
-            reason: e.to_string(),
+            reason: error_chain(&e),
         })
 }
 

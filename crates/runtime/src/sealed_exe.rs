@@ -9,7 +9,8 @@
 //!
 //! 1. cheap path: a read-only bind mount of the binary, made in a private
 //!    mount namespace; after the re-exec the process returns to the host's
-//!    mount namespace, so containers and hooks see the host's mounts as with
+//!    mount namespace (and to its working directory, which that move
+//!    resets), so containers and hooks see the host's mounts as with
 //!    runc, while `/proc/self/exe` stays on the now detached read-only mount
 //!    that nobody can remount;
 //! 2. fallback (e.g. without the privilege to mount): a sealed memfd copy,
@@ -79,8 +80,23 @@ pub fn ensure_protected(state_root: &Path) -> Result<()> {
         }
         // SAFETY: the first half opened this descriptor for us and nothing else owns it.
         let ns = unsafe { OwnedFd::from_raw_fd(fd) };
-        return setns(&ns, CloneFlags::CLONE_NEWNS)
-            .ctx(|| "return to the host mount namespace".to_string());
+        // setns(CLONE_NEWNS) moves the working directory to the namespace's
+        // root; relative paths of the command line (`create` in a bundle
+        // directory, `-b dir`, `--pid-file`) are the caller's, so go back to
+        // it: the same path, since this namespace is a copy of the host's.
+        let cwd = std::env::current_dir();
+        setns(&ns, CloneFlags::CLONE_NEWNS)
+            .ctx(|| "return to the host mount namespace".to_string())?;
+        return match cwd {
+            Ok(cwd) => std::env::set_current_dir(&cwd)
+                .ctx(|| format!("return to the working directory {}", cwd.display())),
+            Err(err) => {
+                // A deleted working directory: only absolute paths work,
+                // as they would have before the re-exec.
+                tracing::debug!("working directory unknown before the re-exec: {err}");
+                Ok(())
+            }
+        };
     }
     if is_sealed() {
         return Ok(());

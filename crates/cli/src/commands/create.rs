@@ -7,12 +7,16 @@ use migrun_runtime::{foreground, StateRoot};
 use crate::cli::CreateArgs;
 
 /// Library options from the command line.
+///
+/// Relative paths are runc's: the bundle and `--pid-file` are the caller's
+/// (its working directory), `--console-socket` is in the bundle (runc
+/// changes into the bundle before it connects).
 fn options(args: &CreateArgs, detach: bool) -> CreateOptions {
     CreateOptions {
         id: args.id.clone(),
         bundle: args.bundle.clone(),
         pid_file: args.pid_file.clone(),
-        console_socket: args.console_socket.clone(),
+        console_socket: args.console_socket.as_ref().map(|s| args.bundle.join(s)),
         no_pivot: args.no_pivot,
         no_new_keyring: args.no_new_keyring,
         preserve_fds: args.preserve_fds,
