@@ -153,6 +153,10 @@ pub struct Record {
     pub docker_container: Option<String>,
     /// The process that wrote the record.
     pub pid: u32,
+    /// When that process started (clock ticks after boot): a pid alone is
+    /// reused by another process soon enough on a busy host.
+    #[serde(default)]
+    pub pid_start: Option<u64>,
 }
 
 /// The journal of one side of one container's migration.
@@ -198,7 +202,8 @@ impl Journal {
                 )));
             }
         }
-        let journal = Self { path, record };
+        let mut journal = Self { path, record };
+        journal.record.pid_start = start_time(journal.record.pid);
         journal.write()?;
         Ok(journal)
     }
@@ -223,6 +228,7 @@ impl Journal {
     pub fn set(&mut self, step: Step) -> Result<()> {
         self.record.step = step;
         self.record.pid = std::process::id();
+        self.record.pid_start = start_time(self.record.pid);
         self.write()
     }
 
@@ -237,7 +243,7 @@ impl Journal {
     /// (the pages it still held went with it).
     pub fn target_copy_whole(&self) -> bool {
         let r = &self.record;
-        let cut_off = r.lazy && r.step != Step::Running && !writer_alive(r.pid);
+        let cut_off = r.lazy && r.step != Step::Running && !writer_alive(r);
         !(r.role == Role::Target && (r.incomplete || cut_off))
     }
 
@@ -277,10 +283,25 @@ fn read(path: &Path) -> Result<Option<Record>> {
     }
 }
 
-/// Whether the process that wrote a record still runs (and is not this
-/// one asking about a record of a process it replaced).
-pub fn writer_alive(pid: u32) -> bool {
-    pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists()
+/// Whether the process that wrote record `r` still runs: its pid is there
+/// and started when the record says (not another process that got the pid
+/// since).
+pub fn writer_alive(r: &Record) -> bool {
+    match (start_time(r.pid), r.pid_start) {
+        (Some(now), Some(then)) => now == then,
+        (now, None) => now.is_some(),
+        (None, Some(_)) => false,
+    }
+}
+
+/// When process `pid` started, in clock ticks after boot (the 22nd field
+/// of `/proc/PID/stat`); `None` if there is no such process.
+pub fn start_time(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: fields count from
+    // the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
 }
 
 /// Every journal under `state_root` (unreadable ones are reported to
@@ -370,7 +391,36 @@ pub(crate) mod tests {
             docker_host: None,
             docker_container: None,
             pid: 1,
+            pid_start: None,
         }
+    }
+
+    #[test]
+    fn a_writer_is_alive_only_as_the_process_that_started_then() {
+        let me = std::process::id();
+        let started = start_time(me).expect("own start time");
+        let mine = Record {
+            pid: me,
+            pid_start: Some(started),
+            ..record(Role::Target, Step::Acknowledged)
+        };
+        assert!(writer_alive(&mine));
+        // The pid reused by another process (another start time).
+        let reused = Record {
+            pid_start: Some(started + 1),
+            ..mine.clone()
+        };
+        assert!(!writer_alive(&reused));
+        // A process that is gone.
+        let gone = Record {
+            pid: u32::MAX - 1,
+            ..mine
+        };
+        assert!(!writer_alive(&gone));
+        // A journal begun here records when this process started.
+        let dir = tempfile::tempdir().expect("tmp");
+        let j = Journal::begin(dir.path(), record(Role::Source, Step::Precopy)).expect("begin");
+        assert_eq!(j.record().pid_start, start_time(1));
     }
 
     #[test]

@@ -117,7 +117,7 @@ pub async fn recover(root: &StateRoot, opts: &RecoverOptions) -> Result<String> 
     let target = Journal::open(root.path(), Role::Target, &opts.id)?;
     let mut journals: Vec<Journal> = [source, target].into_iter().flatten().collect();
     for j in &journals {
-        if !j.step().settled() && journal::writer_alive(j.record().pid) {
+        if !j.step().settled() && journal::writer_alive(j.record()) {
             return Err(MigrateError::Source(format!(
                 "the migration of {} is still in progress here (process {}): let it finish or end it first",
                 opts.id,

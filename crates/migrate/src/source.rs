@@ -772,6 +772,7 @@ async fn migrate(
             docker_host: opts.docker_host.clone(),
             docker_container: None,
             pid: std::process::id(),
+            pid_start: None,
         },
     )?;
     src.machine = Some(SourceMachine::new(journal, opts.fault, opts.events.clone()));

@@ -525,7 +525,7 @@ async fn clean_stale(root: &StateRoot, opts: &InOptions) {
         }
         if r.step.settled() {
             j.remove();
-        } else if journal::writer_alive(r.pid) {
+        } else if journal::writer_alive(&r) {
             continue;
         } else if r.step == Step::Receiving {
             opts.events.emit(Event::StaleUndone {
@@ -863,6 +863,7 @@ async fn on_start(
             docker_host: opts.docker_host.clone(),
             docker_container: None,
             pid: std::process::id(),
+            pid_start: None,
         },
     )?;
     inc.id = Some(container_id.clone());
