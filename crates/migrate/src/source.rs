@@ -604,8 +604,9 @@ pub async fn migrate_out(root: &StateRoot, opts: &OutOptions) -> Result<Migratio
             let mut copy = PlainCopy {
                 root: root.clone(),
                 id: opts.id.clone(),
+                offered: Vec::new(),
             };
-            migrate(root, opts, None, &mut copy).await
+            migrate(root, opts, &mut copy).await
         }
     }
 }
@@ -667,18 +668,18 @@ async fn docker_out(host: &str, opts: &OutOptions) -> Result<MigrationStats> {
         runtime: PlainCopy {
             root: root.clone(),
             id,
+            offered: Vec::new(),
         },
-        daemon: docker::Daemon::connect(host)?,
+        out: ctx,
     };
-    migrate(&root, &o, Some(&ctx), &mut copy).await
+    migrate(&root, &o, &mut copy).await
 }
 
 /// One migration of container `opts.id` under `root`.
 async fn migrate(
     root: &StateRoot,
     opts: &OutOptions,
-    docker: Option<&DockerOut>,
-    copy: &mut impl SourceCopy,
+    copy: &mut impl Outgoing,
 ) -> Result<MigrationStats> {
     let started = Instant::now();
     let container = root.load(&opts.id)?;
@@ -732,26 +733,8 @@ async fn migrate(
         ),
         machine: None,
     };
-    // An overlay root filesystem: its lower layers are offered by digest,
-    // its upper directory is what the rounds sync.
-    let overlay = match docker {
-        // Docker's image layers go through Docker; its upper dir is synced.
-        Some(d) => {
-            src.rootfs = d.upper.clone();
-            None
-        }
-        None => layers::overlay_of(&src.rootfs, &bundle),
-    };
-    let mut offered = Vec::new();
-    let mut layer_bytes = Vec::new();
-    if let Some(o) = &overlay {
-        for dir in &o.lower {
-            let (digest, bytes) = layers::layer_digest(dir)?;
-            offered.push((digest, dir.clone()));
-            layer_bytes.push(bytes);
-        }
-        src.rootfs = o.upper.clone();
-    }
+    let (tree, described) = copy.prepare(&src.rootfs, &bundle)?;
+    src.rootfs = tree;
     let rootfs_bytes = src.open_rootfs()?;
     let procs = src.processes()?;
     // The journal before anything touches the container (trackers,
@@ -786,20 +769,15 @@ async fn migrate(
         .sum();
     let start = Message::Start {
         container_id: opts.id.clone(),
-        spec_json: serde_json::json!({
-            "config": config,
-            "rootfs": { "data_bytes": rootfs_bytes },
-            "overlay": overlay.as_ref().map(|_| serde_json::json!({
-                "layers": offered.iter().map(|(d, _)| d.clone()).collect::<Vec<_>>(),
-                "data_bytes": layer_bytes,
-            })),
-            "docker": docker.map(|d| serde_json::json!({
-                "inspect": d.inspect,
-                "image": d.image,
-                "diff_ids": d.diff_ids,
-            })),
-        })
-        .to_string(),
+        spec_json: {
+            let mut spec = described;
+            spec.insert("config".into(), config.into());
+            spec.insert(
+                "rootfs".into(),
+                serde_json::json!({ "data_bytes": rootfs_bytes }),
+            );
+            serde_json::Value::Object(spec).to_string()
+        },
         memory: MemoryTotals {
             processes: procs.len() as u32,
             mapped_bytes: resident * PAGE,
@@ -813,13 +791,7 @@ async fn migrate(
         let work = async {
             src.precopy().await.map_err(|e| (e, None))?;
             src.link.send(&start).await.map_err(|e| (e, None))?;
-            if overlay.is_some() {
-                src.send_wanted_layers(&offered)
-                    .await
-                    .map_err(|e| (e, None))?;
-            } else if let Some(d) = docker {
-                src.send_docker_image(d).await.map_err(|e| (e, None))?;
-            }
+            copy.send_base(&mut src).await.map_err(|e| (e, None))?;
             run_source(&mut src, &spec, copy).await
         };
         tokio::select! {
@@ -868,10 +840,70 @@ async fn migrate(
     }
 }
 
+/// What differs between the modes on the source beside the hand-over:
+/// which tree the rounds sync, what `Start` says of the container's base,
+/// and how the part of the base the target lacks gets there.
+trait Outgoing: SourceCopy {
+    /// Given the container's root filesystem and bundle: the tree the
+    /// rounds sync, and what `Start` says of the mode (JSON fields).
+    fn prepare(
+        &mut self,
+        rootfs: &Path,
+        bundle: &Path,
+    ) -> Result<(PathBuf, serde_json::Map<String, serde_json::Value>)>;
+    /// After `Start`: sends what the target lacks of the base (the lower
+    /// layers of an overlay, a Docker image), before the rounds.
+    async fn send_base(&mut self, src: &mut Source<'_>) -> Result<()>;
+    /// The namespaces CRIU dumps as empty (made anew on the target).
+    fn empty_namespaces(&self) -> Vec<String>;
+}
+
 /// A migrun container's copy on the source.
 struct PlainCopy {
     root: StateRoot,
     id: String,
+    /// An overlay root filesystem's lower layers, by digest.
+    offered: Vec<(String, PathBuf)>,
+}
+
+impl Outgoing for PlainCopy {
+    /// An overlay root filesystem: its lower layers are offered by digest,
+    /// its upper directory is what the rounds sync. Otherwise the whole tree.
+    fn prepare(
+        &mut self,
+        rootfs: &Path,
+        bundle: &Path,
+    ) -> Result<(PathBuf, serde_json::Map<String, serde_json::Value>)> {
+        let mut described = serde_json::Map::new();
+        let Some(overlay) = layers::overlay_of(rootfs, bundle) else {
+            return Ok((rootfs.to_path_buf(), described));
+        };
+        let mut layer_bytes = Vec::new();
+        for dir in &overlay.lower {
+            let (digest, bytes) = layers::layer_digest(dir)?;
+            self.offered.push((digest, dir.clone()));
+            layer_bytes.push(bytes);
+        }
+        described.insert(
+            "overlay".into(),
+            serde_json::json!({
+                "layers": self.offered.iter().map(|(d, _)| d.clone()).collect::<Vec<_>>(),
+                "data_bytes": layer_bytes,
+            }),
+        );
+        Ok((overlay.upper, described))
+    }
+
+    async fn send_base(&mut self, src: &mut Source<'_>) -> Result<()> {
+        if self.offered.is_empty() {
+            return Ok(());
+        }
+        src.send_wanted_layers(&self.offered).await
+    }
+
+    fn empty_namespaces(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 impl SourceCopy for PlainCopy {
@@ -901,7 +933,37 @@ impl SourceCopy for PlainCopy {
 /// migrun runtime under it, removed from its daemon once released.
 struct DockerCopy {
     runtime: PlainCopy,
-    daemon: docker::Daemon,
+    out: DockerOut,
+}
+
+impl Outgoing for DockerCopy {
+    /// Docker's image layers go through Docker; its upper dir is synced.
+    fn prepare(
+        &mut self,
+        _rootfs: &Path,
+        _bundle: &Path,
+    ) -> Result<(PathBuf, serde_json::Map<String, serde_json::Value>)> {
+        let mut described = serde_json::Map::new();
+        described.insert(
+            "docker".into(),
+            serde_json::json!({
+                "inspect": self.out.inspect,
+                "image": self.out.image,
+                "diff_ids": self.out.diff_ids,
+            }),
+        );
+        Ok((self.out.upper.clone(), described))
+    }
+
+    async fn send_base(&mut self, src: &mut Source<'_>) -> Result<()> {
+        src.send_docker_image(&self.out).await
+    }
+
+    /// A Docker container's network is Docker's: the target daemon sets up
+    /// the new one (its own address) as for any container it starts.
+    fn empty_namespaces(&self) -> Vec<String> {
+        vec!["network".into()]
+    }
 }
 
 impl SourceCopy for DockerCopy {
@@ -915,7 +977,7 @@ impl SourceCopy for DockerCopy {
 
     async fn release(&mut self) -> Result<()> {
         let killed = self.runtime.release().await;
-        self.daemon.remove(&self.runtime.id).await?;
+        self.out.daemon.remove(&self.runtime.id).await?;
         killed
     }
 }
@@ -944,7 +1006,7 @@ type DumpThread = Option<std::thread::JoinHandle<()>>;
 async fn run_source(
     src: &mut Source<'_>,
     spec: &oci_spec::runtime::Spec,
-    copy: &mut impl SourceCopy,
+    copy: &mut impl Outgoing,
 ) -> std::result::Result<(DumpThread, PathBuf, Instant), (MigrateError, DumpThread)> {
     let traffic = src.link.sender().traffic();
     let precopy = !src.opts.no_precopy;
@@ -1098,7 +1160,8 @@ async fn run_source(
         )
     })?;
     let dump_started = Instant::now();
-    let (thread, ready) = start_lazy_dump(src, spec, &images).map_err(|e| (e, None))?;
+    let (thread, ready) =
+        start_lazy_dump(src, spec, &images, copy.empty_namespaces()).map_err(|e| (e, None))?;
     let (ready, beat) = with_heartbeats(
         src.link.sender(),
         src.opts.peer_timeout,
@@ -1194,6 +1257,7 @@ fn start_lazy_dump(
     src: &Source<'_>,
     spec: &oci_spec::runtime::Spec,
     images: &Path,
+    empty_ns: Vec<String>,
 ) -> Result<(std::thread::JoinHandle<()>, OwnedFd)> {
     let (read, write) =
         nix::unistd::pipe().map_err(|e| MigrateError::Source(format!("pipe: {e}")))?;
@@ -1210,13 +1274,7 @@ fn start_lazy_dump(
         // The target puts the restored tree in a cgroup of its own making:
         // the source's cgroup properties would only cost dump time.
         manage_cgroups_mode: Some("ignore".into()),
-        // A Docker container's network is Docker's: the target daemon sets
-        // up the new one (its own address) as for any container it starts.
-        empty_ns: if src.opts.docker_host.is_some() {
-            vec!["network".into()]
-        } else {
-            Vec::new()
-        },
+        empty_ns,
         ..Default::default()
     };
     let mut req = checkpoint::dump_request(src.root, &container, spec, images, &opts)?;
