@@ -382,6 +382,17 @@ pub fn filter_save(src: &Path, dst: &Path, diff_ids: &[String], wanted: &[String
     Ok(kept)
 }
 
+/// Lets the daemon's container `cid` run: it was started from a checkpoint
+/// that its migrun runtime restored stopped (`LEAVE_STOPPED_MARKER`), under
+/// that runtime's state root.
+pub async fn continue_restored(daemon: &Daemon, cid: &str) -> Result<()> {
+    let running = daemon.container(cid).await?;
+    let pid = running["State"]["Pid"].as_i64().unwrap_or(0);
+    let runtime = migrun_runtime::StateRoot::open(&runtime_root(pid)?, false)?;
+    migrun_runtime::checkpoint::continue_container(&runtime, cid)?;
+    Ok(())
+}
+
 /// The migrun state root of a Docker container whose init is `pid`: the
 /// runc v2 shim (its parent) runs with `-namespace NS -address
 /// EXEC_ROOT/containerd/containerd.sock`, and passes migrun `--root

@@ -333,13 +333,7 @@ async fn settle(
                 )));
             }
             match docker_copy(&r)? {
-                Some((daemon, cid)) => {
-                    // Restored by the daemon's migrun runtime, under its root.
-                    let running = daemon.container(&cid).await?;
-                    let pid = running["State"]["Pid"].as_i64().unwrap_or(0);
-                    let runtime = StateRoot::open(&docker::runtime_root(pid)?, false)?;
-                    checkpoint::continue_container(&runtime, &cid)?;
-                }
+                Some((daemon, cid)) => docker::continue_restored(&daemon, &cid).await?,
                 None => checkpoint::continue_container(root, &r.container)?,
             }
             j.set(Step::Running)?;

@@ -427,6 +427,16 @@ impl Incoming {
         self.machine.as_ref().is_some_and(|m| m.acknowledged())
     }
 
+    /// The memory still to come into the restored container `name` (the
+    /// lazy-pages daemon moves into it).
+    fn memory(&mut self, name: &str, events: &Events) -> Memory {
+        Memory {
+            name: name.to_string(),
+            lazy: self.lazy.take(),
+            events: events.clone(),
+        }
+    }
+
     /// The phases, once `Start` has begun them.
     fn machine(&mut self) -> Result<&mut TargetMachine> {
         self.machine
@@ -1147,22 +1157,38 @@ async fn commit(
     let mut copy = PlainTarget {
         root: root.clone(),
         id: id.clone(),
-        lazy: inc.lazy.take(),
-        events: opts.events.clone(),
+        memory: inc.memory(&id, &opts.events),
     };
-    inc.hand_over(opts, ch, &mut copy, |c| c.lazy.take())
+    inc.hand_over(opts, ch, &mut copy, |c| c.memory.lazy.take())
         .await?;
     Ok(id)
+}
+
+/// The memory still to come into a restored copy (both modes).
+struct Memory {
+    /// The container's name, for what is said of it.
+    name: String,
+    /// The lazy-pages daemon filling it, if it was restored without it.
+    lazy: Option<LazyPages>,
+    /// Where it says that the memory is in place.
+    events: Events,
+}
+
+impl Memory {
+    /// Waits until all of it is in place (at once without a daemon).
+    async fn in_place(&mut self) -> Result<()> {
+        match self.lazy.take() {
+            Some(lazy) => memory_in_place(&self.name, lazy, &self.events).await,
+            None => Ok(()),
+        }
+    }
 }
 
 /// A migrun container restored (stopped) under this side's state root.
 struct PlainTarget {
     root: StateRoot,
     id: String,
-    /// The lazy-pages daemon filling its memory, if it was restored without.
-    lazy: Option<LazyPages>,
-    /// Where it says that its memory is in place.
-    events: Events,
+    memory: Memory,
 }
 
 impl TargetCopy for PlainTarget {
@@ -1171,14 +1197,11 @@ impl TargetCopy for PlainTarget {
     }
 
     async fn memory_in_place(&mut self) -> Result<()> {
-        match self.lazy.take() {
-            Some(lazy) => memory_in_place(&self.id, lazy, &self.events).await,
-            None => Ok(()),
-        }
+        self.memory.in_place().await
     }
 
     fn lazy(&self) -> bool {
-        self.lazy.is_some()
+        self.memory.lazy.is_some()
     }
 }
 
@@ -1188,22 +1211,14 @@ struct DockerTarget<'a> {
     dock: &'a mut DockerIn,
     /// Its id in the daemon.
     cid: String,
-    /// Its name.
-    name: String,
     /// The checkpoint directory it was started from.
     checkpoint: PathBuf,
-    /// The lazy-pages daemon filling its memory, if it was restored without.
-    lazy: Option<LazyPages>,
-    /// Where it says that its memory is in place.
-    events: Events,
+    memory: Memory,
 }
 
 impl TargetCopy for DockerTarget<'_> {
     async fn resume(&mut self) -> Result<()> {
-        let running = self.dock.daemon.container(&self.cid).await?;
-        let pid = running["State"]["Pid"].as_i64().unwrap_or(0);
-        let runtime = StateRoot::open(&docker::runtime_root(pid)?, false)?;
-        checkpoint::continue_container(&runtime, &self.cid)?;
+        docker::continue_restored(&self.dock.daemon, &self.cid).await?;
         let _ = fs::remove_dir_all(&self.checkpoint);
         // It runs: it is Docker's now, nothing to undo.
         self.dock.container = None;
@@ -1212,14 +1227,11 @@ impl TargetCopy for DockerTarget<'_> {
     }
 
     async fn memory_in_place(&mut self) -> Result<()> {
-        match self.lazy.take() {
-            Some(lazy) => memory_in_place(&self.name, lazy, &self.events).await,
-            None => Ok(()),
-        }
+        self.memory.in_place().await
     }
 
     fn lazy(&self) -> bool {
-        self.lazy.is_some()
+        self.memory.lazy.is_some()
     }
 }
 
@@ -1403,12 +1415,10 @@ async fn docker_commit(
     let mut copy = DockerTarget {
         dock,
         cid,
-        name: name.clone(),
         checkpoint: dir,
-        lazy: inc.lazy.take(),
-        events: opts.events.clone(),
+        memory: inc.memory(&name, &opts.events),
     };
-    inc.hand_over(opts, ch, &mut copy, |c| c.lazy.take())
+    inc.hand_over(opts, ch, &mut copy, |c| c.memory.lazy.take())
         .await?;
     Ok(name)
 }
