@@ -119,11 +119,6 @@ impl SourceLink {
         &mut self.tx
     }
 
-    /// The peer time-out.
-    pub fn peer_timeout(&self) -> Duration {
-        self.peer_timeout
-    }
-
     /// Sends one message.
     pub async fn send(&mut self, msg: &Message) -> Result<()> {
         Ok(self.tx.send(msg).await?)
